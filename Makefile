@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lungseg-installed
+DEMO_OUT ?= outputs/demo
+
+.PHONY: venv demo test nbtest sync export clean-nbs docs bench
+
+$(STAMP): settings.ini setup.py scripts/setup_venv.sh
+	bash scripts/setup_venv.sh $(VENV)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lungseg demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run_tests.sh
+
+nbtest: $(STAMP)
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 1
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+docs: $(STAMP)
+	$(BIN)/nbdev_docs
+
+bench: $(STAMP)
+	$(BIN)/lungseg bench --quick --json outputs/bench.json
