@@ -23,6 +23,7 @@ nbtest: $(STAMP)
 
 export: $(STAMP)
 	$(BIN)/nbdev_export
+	$(BIN)/python scripts/readme.py
 
 clean-nbs: $(STAMP)
 	$(BIN)/nbdev_clean

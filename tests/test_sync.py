@@ -6,7 +6,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 def _git_diff(*paths):
-    return subprocess.run(['git', 'diff', '--stat', '--', *paths], cwd=ROOT, capture_output=True, text=True).stdout
+    "Modified and untracked files under `paths`, as git sees them."
+    return subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all', '--', *paths], cwd=ROOT, capture_output=True, text=True).stdout
 
 def _in_git():
     return shutil.which('git') and subprocess.run(['git', 'rev-parse', '--git-dir'], cwd=ROOT, capture_output=True).returncode == 0
@@ -20,3 +21,8 @@ def test_nbdev_leaves_no_diff(tool, paths):
     assert res.returncode == 0, res.stderr
     after = _git_diff(*paths)
     assert after == before, f"{tool} changed files: run `{tool}` and commit.\n{after}"
+
+def test_readme_matches_index():
+    "README.md is generated from nbs/index.ipynb (`python scripts/readme.py`)."
+    res = subprocess.run([sys.executable, 'scripts/readme.py', '--check'], cwd=ROOT)
+    assert res.returncode == 0, "README.md is out of date: run `python scripts/readme.py` and commit"
