@@ -59,6 +59,7 @@ def _parse_nodule(el, ns:dict, warn) -> dict:
     nwarn = lambda problem, z_mm=None: warn(problem, z_mm, nodule_id)
     ch = el.find('n:characteristics', ns)
     characteristics = None if ch is None else {c: _number(_text(ch, c, ns), int) for c in CHARACTERISTICS}
+    if characteristics is not None and all(v is None for v in characteristics.values()): characteristics = None
     rois = [r for r in (_parse_roi(r_el, ns, nwarn) for r_el in el.findall('n:roi', ns)) if r is not None]
     small = len(rois) == 1 and len(rois[0]['edge_map']) == 1
     position = None
@@ -71,6 +72,7 @@ def _parse_nodule(el, ns:dict, warn) -> dict:
             if len(r['edge_map']) < 3: nwarn(f"{len(r['edge_map'])}-point contour: it encloses no pixel", r['z_mm'])
     return dict(nodule_id=nodule_id, small=small, characteristics=characteristics, position=position, rois=rois)
 
+# %% ../nbs/02_annotations.ipynb #15bddabe
 def _parse_non_nodule(el, ns:dict, warn) -> dict|None:
     "One `nonNodule` element as a dict, or None (with a warning) when its locus is unusable."
     nn_id, z_mm = _text(el, 'nonNoduleID', ns), _number(_text(el, 'imageZposition', ns))
@@ -133,6 +135,7 @@ def write_read(read:dict, path:str|Path) -> Path:
     with atomic_path(path, suffix='.json') as tmp_path: tmp_path.write_text(text + '\n')
     return path
 
+# %% ../nbs/02_annotations.ipynb #1c912804
 def load_read(path:str|Path) -> dict:
     "Read a JSON written by `write_read`, checking its schema version."
     path = Path(path)
@@ -153,6 +156,7 @@ def _first_header(folder:Path, files:list[str]):
         except Exception: continue
     return None
 
+# %% ../nbs/02_annotations.ipynb #94f0d7ba
 def series_index(dicom_root:str|Path # folder searched recursively for DICOM series
                 ) -> dict[str, Path]:
     "Map `SeriesInstanceUID -> folder` from the first DICOM header of every folder under `dicom_root`."
@@ -165,6 +169,7 @@ def series_index(dicom_root:str|Path # folder searched recursively for DICOM ser
         if uid: index.setdefault(str(uid), Path(folder))
     return index
 
+# %% ../nbs/02_annotations.ipynb #7fce139e
 def find_series(dicom_root:str|Path, series_uid:str, index:dict|None=None, source:str='') -> Path:
     "Folder of series `series_uid` under `dicom_root` (pass a prebuilt `index` to avoid rescanning)."
     index = series_index(dicom_root) if index is None else index
@@ -257,4 +262,7 @@ def annotations_main(argv:list[str]|None=None) -> int:
     for f, note in skipped: print(note, file=sys.stderr)
     print(f"{len(result.results) - len(skipped)} read(s) written to {args.out}, {len(skipped)} X-ray read(s) skipped, "
           f"{len(result.failures)} failed")
-    return result.report('XML file')
+    if result.failures:
+        print(f"{len(result.failures)} XML file(s) failed:", file=sys.stderr)
+        for _, message in result.failures: print(f"  {message}", file=sys.stderr)
+    return 0 if result.ok else 1
