@@ -33,9 +33,12 @@ def _text(el, tag:str, ns:dict) -> str|None:
     child = el.find(f'n:{tag}', ns)
     return child.text.strip() if child is not None and child.text and child.text.strip() else None
 
-def _number(text:str|None, kind=float):
-    try: return kind(float(text)) if kind is int else kind(text)
+def _number(text:str|None, kind=float) -> float|int|None:
+    "Finite float (or whole-number int) from `text`, or None."
+    try: value = float(text)
     except (TypeError, ValueError): return None
+    if not np.isfinite(value) or (kind is int and not value.is_integer()): return None
+    return int(value) if kind is int else value
 
 def _parse_roi(el, ns:dict, warn) -> dict|None:
     "One `roi` element as a dict, or None (with a warning) when it cannot be placed or has no edge point."
@@ -43,8 +46,10 @@ def _parse_roi(el, ns:dict, warn) -> dict|None:
     inclusion_text = (_text(el, 'inclusion', ns) or '').upper()
     if inclusion_text not in ('TRUE', 'FALSE'): warn(f"roi inclusion {inclusion_text or 'missing'!r}, taken as TRUE", z_mm)
     edge_map = []
+    x_tag, y_tag = f"{{{ns['n']}}}xCoord", f"{{{ns['n']}}}yCoord"
     for em in el.findall('n:edgeMap', ns):
-        x, y = _number(_text(em, 'xCoord', ns), int), _number(_text(em, 'yCoord', ns), int)
+        coords = {child.tag: child.text for child in em}  # direct children: much faster than find() on thousands of points
+        x, y = _number(coords.get(x_tag), int), _number(coords.get(y_tag), int)
         if x is None or y is None: warn("edge point without integer xCoord/yCoord skipped", z_mm)
         else: edge_map.append([x, y])
     if not edge_map: warn("roi with no edge points dropped", z_mm); return None
