@@ -231,25 +231,52 @@ def read_series(folder:str|Path, # folder holding one series' .dcm files (other 
 
 # %% ../nbs/00_core.ipynb #1698c889
 AIR_HU = -1024
+_NATIVE_LE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')  # implicit and explicit VR little endian: uncompressed
+_PIXEL_TAG = b'\xe0\x7f\x10\x00'                          # (7FE0,0010) Pixel Data, little endian
 
-def _slice_hu(ds) -> np.ndarray:
-    raw = ds.pixel_array
+def _native_pixels(path, header) -> np.ndarray|None:
+    "Raw pixels of an uncompressed little-endian 16-bit slice read straight from the file; None: let pydicom decode it."
+    ts = str(getattr(getattr(header, 'file_meta', None), 'TransferSyntaxUID', ''))
+    if ts not in _NATIVE_LE or int(header.BitsAllocated) != 16 or int(getattr(header, 'SamplesPerPixel', 1)) != 1: return None
+    rows, cols = int(header.Rows), int(header.Columns)
+    data = Path(path).read_bytes()
+    i = data.rfind(_PIXEL_TAG, 0, max(0, len(data) - 2*rows*cols))   # the last Pixel Data tag before room for the pixels
+    if i < 0: return None
+    explicit = ts == _NATIVE_LE[1]
+    if explicit and data[i+4:i+6] not in (b'OW', b'OB'): return None
+    length, start = (int.from_bytes(data[i+8:i+12], 'little'), i + 12) if explicit else (int.from_bytes(data[i+4:i+8], 'little'), i + 8)
+    if length != 2*rows*cols or start + length > len(data): return None
+    signed, bits = int(getattr(header, 'PixelRepresentation', 0)) == 1, int(getattr(header, 'BitsStored', 16))
+    raw = np.frombuffer(data, '<i2' if signed else '<u2', rows*cols, start).reshape(rows, cols)
+    if bits < 16:  # as pydicom does: keep the stored bits, sign-extended when signed
+        raw = (raw << (16 - bits)) >> (16 - bits) if signed else raw & ((1 << bits) - 1)
+    return raw
+
+def _slice_hu(ds, raw:np.ndarray|None=None) -> np.ndarray:
+    raw = ds.pixel_array if raw is None else raw
     slope, intercept = float(getattr(ds, 'RescaleSlope', 1) or 1), float(getattr(ds, 'RescaleIntercept', 0) or 0)
-    hu = raw.astype(np.float32)*slope + intercept if slope != 1 else raw.astype(np.float32) + intercept
     pad = getattr(ds, 'PixelPaddingValue', None)
-    if pad is not None:
-        if getattr(ds, 'PixelRepresentation', 0) == 1 and pad >= 2**15: pad -= 2**16  # stored unsigned, meant signed
-        hu[raw == pad] = AIR_HU
+    if pad is not None and getattr(ds, 'PixelRepresentation', 0) == 1 and pad >= 2**15: pad -= 2**16  # stored unsigned, meant signed
+    if pad is not None and pad*slope + intercept <= AIR_HU: pad = None   # becomes air below anyway
+    if slope == 1 and intercept == int(intercept) and raw.dtype.kind in 'iu' and raw.itemsize <= 2:  # integer fast path
+        hu = np.add(raw, int(intercept), dtype=np.int32)
+        if pad is not None: np.putmask(hu, raw == pad, AIR_HU)
+        return np.clip(hu, AIR_HU, np.iinfo(np.int16).max, out=hu)
+    hu = raw.astype(np.float32)*slope + intercept if slope != 1 else raw.astype(np.float32) + intercept
+    if pad is not None: hu[raw == pad] = AIR_HU
     return np.maximum(hu, AIR_HU, out=hu)  # below air is outside the field of view
 
 def load_hu(series:DicomSeries, workers:int=4, dtype=np.int16) -> np.ndarray:
     "HU volume `(z, y, x)` of a series, slices in the series' order, read in parallel."
-    def _read(p):
-        try: return _slice_hu(pydicom.dcmread(p))
-        except Exception as e: raise LungsegError(f"{p}: unreadable pixel data ({e})") from None
+    def _read(k):
+        path, header = series.files[k], series.headers[k]
+        try:
+            raw = _native_pixels(path, header)   # uncompressed slices: no second parse of the header
+            return _slice_hu(header, raw) if raw is not None else _slice_hu(pydicom.dcmread(path))
+        except Exception as e: raise LungsegError(f"{path}: unreadable pixel data ({e})") from None
     vol = np.empty(series.geometry.shape, dtype)
     with ThreadPoolExecutor(workers) as ex:
-        for k, hu in enumerate(ex.map(_read, series.files)): vol[k] = np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max) if dtype == np.int16 else hu
+        for k, hu in enumerate(ex.map(_read, range(len(series.files)))): vol[k] = hu if hu.dtype == np.int32 or dtype != np.int16 else np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     return vol
 
 # %% ../nbs/00_core.ipynb #414ec9fa
