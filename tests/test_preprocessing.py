@@ -6,7 +6,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from lung_tumor_seg.core import sample_dir, SAMPLE_HINT, save_nifti, LungsegError
 from lung_tumor_seg.preprocessing import (toy_chest, dicom_volume, nifti_volume, nifti_mask, preprocess_volume, preprocess_mask,
-    restore_mask, PreprocessConfig, preprocess_main, lidc_cases, task06_cases, preprocess, patient_split, LPS_AXES)
+    restore_mask, PreprocessConfig, window_hu, preprocess_main, lidc_cases, task06_cases, preprocess, patient_split, LPS_AXES)
 
 SPACING = (2.5, 0.7, 0.7)
 
@@ -187,3 +187,32 @@ def test_real_sample_dicom_and_nifti_agree_and_keep_every_lung_slice(tmp_path):
     image, meta = preprocess_volume(vol.hu, vol.spacing_mm)
     assert meta['z_range'] == [0, 16]                 # 16 slices from the middle of the chest: all hold lung
     assert image.shape == (16, 256, 256)
+
+def _chain_available():
+    try: import lung_tumor_seg.annotations, lung_tumor_seg.masks; return sample_dir() is not None
+    except ImportError: return False
+
+@pytest.mark.skipif(not _chain_available(), reason=f"needs the annotations and masks modules and the real sample: {SAMPLE_HINT}")
+def test_real_sample_annotations_masks_preprocess_chain(tmp_path):
+    from lung_tumor_seg.annotations import annotations_main
+    from lung_tumor_seg.masks import masks_main
+    sd = sample_dir()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert annotations_main([str(sd), '--dicom', str(sd), '--out', str(tmp_path/'ann')]) == 0
+        assert masks_main([str(tmp_path/'ann'), '--dicom', str(sd), '--out', str(tmp_path/'masks')]) == 0
+    rc, out, err = run_cli(['--dicom', sd, '--masks', tmp_path/'masks', '--out', tmp_path/'prep'])
+    assert rc == 0, err
+    split = json.loads((tmp_path/'prep'/'split.json').read_text())
+    assert sorted(split['train'] + split['val']) == ['LIDC-IDRI-0001', 'LIDC-IDRI-0002'] and split['val']
+    for pid in ('LIDC-IDRI-0001', 'LIDC-IDRI-0002'):
+        case = tmp_path/'prep'/'patients'/pid
+        image, mask = np.load(case/'image.npy').astype(np.float32), np.load(case/'mask.npy')
+        meta = json.loads((case/'meta.json').read_text())
+        assert mask.sum() > 0
+        consensus = np.load(next((tmp_path/'masks').glob(f'{pid}_*'))/'consensus.npy') > 0
+        # image and mask stay aligned: the windowed CT under the stored mask matches the original CT under the consensus
+        series = next((sd/pid).glob('*/*'))
+        original = window_hu(dicom_volume(series).hu)
+        assert abs(image[mask > 0].mean() - original[consensus].mean()) < 0.05
+        restored = restore_mask(mask, meta).astype(bool)
+        assert 2*(restored & consensus).sum() / (restored.sum() + consensus.sum()) > 0.85   # 512 -> 256 -> 512, nearest
