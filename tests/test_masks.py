@@ -97,13 +97,16 @@ def test_roi_on_missing_slice(series):
     assert sm.readers[2].max() == 2 and sm.readers[3].max() == 1
 
 def test_cli_series_missing_and_no_partial_output(tmp_path, capsys):
-    "A read whose series is absent fails with its file named; the good read is written completely; exit code 1."
+    "A read whose series is absent and a malformed read fail with their files named; the good read is written completely; exit 1."
     _write_series(tmp_path/'dicom'/'SYNTH-0001'/'study'/'series', _headers(UID))
     write_read(_read(UID), tmp_path/'json'/'good.json')
     write_read(_read('1.2.826.0.1.3680043.8.498.99', file='lost.xml'), tmp_path/'json'/'lost.json')
+    broken = _read(UID, file='broken.xml'); del broken['reading_sessions'][0]['nodules'][0]['rois'][0]['edge_map']
+    write_read(broken, tmp_path/'json'/'broken.json')
     rc = masks_main([str(tmp_path/'json'), '--dicom', str(tmp_path/'dicom'), '--out', str(tmp_path/'masks')])
     err = capsys.readouterr().err
     assert rc == 1 and 'lost.json' in err and '1.2.826.0.1.3680043.8.498.99' in err
+    assert 'broken.json' in err and 'malformed' in err
     out = tmp_path/'masks'
     assert sorted(p.name for p in out.iterdir()) == [f'SYNTH-0001_{UID}', 'nodules.csv', 'problems.txt', 'small_findings.csv']
     assert not list(out.rglob('*.part*'))
