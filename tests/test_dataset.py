@@ -3,7 +3,8 @@ import contextlib, io, json
 from pathlib import Path
 import numpy as np, pytest, torch
 from lung_tumor_seg.core import save_nifti, LungsegError
-from lung_tumor_seg.preprocessing import toy_chest, task06_cases, preprocess, PreprocessConfig
+from lung_tumor_seg.volumes import toy_chest
+from lung_tumor_seg.preprocessing import task06_cases, preprocess, PreprocessConfig
 from lung_tumor_seg.dataset import (SliceDataset, PatientVolumes, LungDataModule, slice_weights, expected_tumor_fraction,
                                     make_sampler, train_augmentation, read_split)
 

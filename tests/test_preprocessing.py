@@ -5,8 +5,9 @@ import numpy as np, pandas as pd, pytest, pydicom, nibabel as nib
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from lung_tumor_seg.core import sample_dir, SAMPLE_HINT, save_nifti, LungsegError
-from lung_tumor_seg.preprocessing import (toy_chest, dicom_volume, nifti_volume, nifti_mask, preprocess_volume, preprocess_mask,
-    restore_mask, PreprocessConfig, window_hu, preprocess_main, lidc_cases, task06_cases, preprocess, patient_split, LPS_AXES)
+from lung_tumor_seg.volumes import toy_chest, dicom_volume, nifti_volume, nifti_mask, LPS_AXES
+from lung_tumor_seg.preprocessing import (preprocess_volume, preprocess_mask, restore_mask, PreprocessConfig, window_hu,
+    preprocess_main, lidc_cases, task06_cases, preprocess, patient_split)
 
 SPACING = (2.5, 0.7, 0.7)
 
