@@ -417,7 +417,8 @@ def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48) -> Path:
 @cli_command
 def phantom_main(argv:list[str]|None=None) -> int:
     "`lungseg phantom`: write synthetic LIDC-geometry patients (DICOM + LIDC XML, Task06 NIfTI, truth.json)."
-    ap = argparse.ArgumentParser(prog='lungseg phantom', description=phantom_main.__doc__.split(': ', 1)[1])
+    ap = argparse.ArgumentParser(prog='lungseg phantom', description='Write synthetic LIDC-geometry phantom patients: CT DICOM '
+                                 'with LIDC XML reads (nodule contours copied from LIDC-IDRI), Task06 NIfTI, and truth.json.')
     ap.add_argument('--out', required=True, type=Path, help='output folder (a re-run skips finished patients)')
     ap.add_argument('--patients', type=int, default=12, help='number of synthetic patients (default: 12)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
