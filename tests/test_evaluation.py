@@ -105,7 +105,8 @@ def _save_checkpoint(module, path):
 
 @pytest.fixture(scope='module')
 def toy_run(tmp_path_factory):
-    from lung_tumor_seg.preprocessing import toy_chest, PreprocessConfig, preprocess, Case, Volume
+    from lung_tumor_seg.volumes import toy_chest, Volume
+    from lung_tumor_seg.preprocessing import PreprocessConfig, preprocess, Case
     from lung_tumor_seg.training import SegModule
     root = tmp_path_factory.mktemp('evalrun')
     def case(name, seed):
