@@ -217,3 +217,30 @@ def test_real_sample_annotations_masks_preprocess_chain(tmp_path):
         assert abs(image[mask > 0].mean() - original[consensus].mean()) < 0.05
         restored = restore_mask(mask, meta).astype(bool)
         assert 2*(restored & consensus).sum() / (restored.sum() + consensus.sum()) > 0.85   # 512 -> 256 -> 512, nearest
+
+def _phantom():
+    try: from lung_tumor_seg.phantom import cached_phantom
+    except ImportError: return None
+    return cached_phantom(2, 0, 48)
+
+def test_phantom_dicom_and_task06_give_the_same_arrays_and_training_data(tmp_path):
+    root = _phantom()
+    if root is None: pytest.skip("phantom module absent")
+    truth = json.loads((root/'truth.json').read_text())
+    task = root/'Task06_Lung'
+    for entry in truth['patients']:
+        from_dicom = dicom_volume(root/entry['series_dir'])
+        from_nifti = nifti_volume(task/'imagesTr'/f"{entry['task06']}.nii.gz")
+        np.testing.assert_array_equal(from_dicom.hu, from_nifti.hu)          # two writers, two readers, one array
+        np.testing.assert_allclose(from_dicom.spacing_mm, from_nifti.spacing_mm, atol=1e-4)
+        np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+    rc, out, err = run_cli(['--nifti', task, '--out', tmp_path/'prep', '--size', 128])
+    assert rc == 0, err
+    index = pd.read_csv(tmp_path/'prep'/'slices.csv')
+    for entry in truth['patients']:
+        label = nifti_mask(task/'labelsTr'/f"{entry['task06']}.nii.gz", task/'imagesTr'/f"{entry['task06']}.nii.gz")
+        meta = json.loads((tmp_path/'prep'/'patients'/entry['task06']/'meta.json').read_text())
+        z0, z1 = meta['z_range']
+        tumour_slices = set(np.nonzero(label.any((1, 2)))[0])
+        assert tumour_slices <= set(range(z0, z1))                          # no nodule slice cropped away
+        assert (index[index.patient == entry['task06']].tumor_pixels > 0).sum() >= 0.8*len(tumour_slices)   # tiny caps may vanish at 128 px
