@@ -104,7 +104,7 @@ def scan_candidates(max_slices:int=48, # the annotated z-extent must fit in this
     for sid in sorted(db.by_scan):
         scan, zs = db.scans[sid], db.scans[sid]['z_mm']
         cz = np.array([db.contours[c]['z_mm'] for a in db.by_scan[sid] for c in db.annotations[a]['contours']])
-        if len(zs) < 2: continue
+        if len(zs) < 8: continue
         k = np.abs(zs[None] - cz[:, None]).argmin(1)
         if np.abs(zs[k] - cz).max() > 1e-3: continue                              # a contour off the scan's slices
         lo, hi, n = int(k.min()), int(k.max()), min(max_slices, len(zs))
@@ -311,13 +311,14 @@ def nodule_truth(patient:PhantomPatient, nodules:list, nodule_hu:list) -> list:
     voxel_mm3 = float(np.prod(g.spacing_mm))
     for number, (n, h) in enumerate(zip(nodules, nodule_hu), 1):
         idx = np.argwhere(n['consensus']) + n['offset']
-        centre = idx.mean(0) if len(idx) else np.full(3, np.nan)
-        lps = (g.affine_lps @ [centre[2], centre[1], centre[0], 1])[:3]
+        centre = idx.mean(0) if len(idx) else None             # None: the readers agree on no voxel
+        lps = (g.affine_lps @ [centre[2], centre[1], centre[0], 1])[:3] if len(idx) else None
         vol = len(idx)*voxel_mm3
         out.append(dict(nodule=number, annotation_ids=n['annotation_ids'], readers=sorted(n['reader_masks']),
                         n_readers=len(n['reader_masks']), voxels=int(len(idx)), volume_mm3=round(vol, 2),
-                        diameter_mm=round(float((6*vol/np.pi)**(1/3)), 2), centre_voxel_zyx=[round(float(v), 2) for v in centre],
-                        centre_mm_lps=[round(float(v), 2) for v in lps], hu=round(h, 1)))
+                        diameter_mm=round(float((6*vol/np.pi)**(1/3)), 2), hu=round(h, 1),
+                        centre_voxel_zyx=None if centre is None else [round(float(v), 2) for v in centre],
+                        centre_mm_lps=None if lps is None else [round(float(v), 2) for v in lps]))
     return out
 
 def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_path=None) -> dict:
