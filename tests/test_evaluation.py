@@ -156,3 +156,37 @@ def test_evaluate_bad_inputs(toy_run, tmp_path, capsys):
     assert evaluate_main(['--run', str(other), '--data', str(prep)]) == 1
     err = capsys.readouterr().err
     assert 'image_size' in err and len(err.strip().splitlines()) == 1
+
+def test_evaluate_on_the_original_grid(tmp_path, capsys):
+    "With --grid original the truth is the original Task06 label at the scan's own spacing, not the stored mask."
+    import nibabel as nib, torch
+    from lung_tumor_seg.volumes import toy_chest
+    from lung_tumor_seg.preprocessing import PreprocessConfig, preprocess, task06_cases
+    from lung_tumor_seg.training import SegModule
+    task = tmp_path/'Task06_Lung'; (task/'imagesTr').mkdir(parents=True); (task/'labelsTr').mkdir()
+    affine, training = np.diag([-0.7, -0.7, 2.0, 1.0]), []
+    for i in range(3):
+        hu, mask = toy_chest(n_slices=16, size=64, seed=10 + i)
+        nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), affine), task/'imagesTr'/f'lung_{i:03d}.nii.gz')
+        nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0), affine), task/'labelsTr'/f'lung_{i:03d}.nii.gz')
+        training.append(dict(image=f'./imagesTr/lung_{i:03d}.nii.gz', label=f'./labelsTr/lung_{i:03d}.nii.gz'))
+    (task/'dataset.json').write_text(json.dumps(dict(training=training)))
+    prep = tmp_path/'prep'
+    assert preprocess(task06_cases(task), prep, PreprocessConfig(image_size=(32, 32), slab='all')).ok
+    module = SegModule(model=dict(base_width=4, depth=2), preprocess=json.loads((prep/'preprocess.json').read_text()))
+    with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(10.)   # tumour everywhere
+    run = tmp_path/'run'; (run/'checkpoints').mkdir(parents=True)
+    _save_checkpoint(module, run/'checkpoints'/'best.ckpt')
+    assert evaluate_main(['--run', str(run), '--data', str(prep), '--split', 'train', '--grid', 'original']) == 0
+    rows = pd.read_csv(run/'eval'/'patients.csv')
+    assert len(rows) == len(json.loads((prep/'split.json').read_text())['train']) > 0
+    for _, row in rows.iterrows():
+        label = np.asarray(nib.load(task/'labelsTr'/f'{row.patient}.nii.gz').dataobj)
+        assert row.true_voxels == int(label.sum()) and row.pred_voxels == label.size     # every original voxel predicted
+        assert row.dice == pytest.approx(2*label.sum()/(label.sum() + label.size))
+        assert row.spacing_mm == '2.000 0.700 0.700'
+    assert 'original grid' in json.loads((run/'eval'/'metrics.json').read_text())['grid']
+    (prep/'patients'/rows.patient[0]/'meta.json').write_text(json.dumps(
+        json.loads((prep/'patients'/rows.patient[0]/'meta.json').read_text()) | dict(source=str(tmp_path/'gone.nii.gz'))))
+    assert evaluate_main(['--run', str(run), '--data', str(prep), '--split', 'train', '--grid', 'original']) == 1
+    assert 'original mask not found' in capsys.readouterr().err
