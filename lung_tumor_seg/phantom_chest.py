@@ -53,12 +53,14 @@ def lung_distance(centres_xy:list, lung_c:list, lung_ax:list) -> float:
         worst = max(worst, min(d))
     return worst
 
+# %% ../nbs/04a_phantom_chest.ipynb #d05e5033
 @dataclass
 class Anatomy:
     "Per-patient layout of the chest in pixels: body and lung ellipses, fat thickness, spine and aorta centres."
     body_c: tuple; body_ax: tuple; lung_c: list; lung_ax: list
     fat_px: float; spine_c: tuple; aorta_c: tuple
 
+# %% ../nbs/04a_phantom_chest.ipynb #7ac899fb
 def fit_anatomy(rng:np.random.Generator, shape_yx:tuple, pixel_spacing_mm:float,
                 centres_xy:list=()) -> Anatomy: # nodule centres (column, row) that must fall inside the lungs
     "A jittered chest layout, scaled and shifted until the nodule centres lie well inside the lungs."
