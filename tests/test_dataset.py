@@ -99,3 +99,17 @@ def test_datamodule_prepares_idempotently_and_loads_with_a_worker(tmp_path):
 def test_datamodule_without_preprocessed_data_says_what_to_do(tmp_path):
     with pytest.raises(LungsegError, match='run `lungseg preprocess` first'): LungDataModule(tmp_path, num_workers=0).prepare_data()
     with pytest.raises(LungsegError, match='unknown sampler'): LungDataModule(tmp_path, sampler='balanced')
+
+def test_workers_draw_different_augmentations(prep):
+    from torch.utils.data import DataLoader
+    from lung_tumor_seg.dataset import seed_worker
+    ds = SliceDataset(prep, read_split(prep)['train'], transform=train_augmentation(seed=0))
+    i = int(np.nonzero(ds.tumor_pixels > 0)[0][0])
+    def first_items(init):
+        torch.manual_seed(0)                      # fixes the seeds PyTorch hands the workers: no flaky draw
+        loader = DataLoader(ds, batch_size=1, sampler=[i, i], num_workers=2, worker_init_fn=init)
+        return [b['image'] for b in loader]     # item 0 from worker 0, item 1 from worker 1
+    same = first_items(None)
+    assert torch.equal(same[0], same[1])          # the copied generator repeats itself in every worker ...
+    differ = first_items(seed_worker)
+    assert not torch.equal(differ[0], differ[1])  # ... unless each worker is reseeded
