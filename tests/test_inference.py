@@ -149,3 +149,26 @@ def test_spacing_outside_chest_ct_warns(checkpoint, tmp_path, capsys):
     thick = tmp_path/'thick.nii.gz'; nib.save(nib.Nifti1Image(synthetic_ct().transpose(2, 1, 0), np.diag([-0.8, -0.8, 10.0, 1])), thick)
     assert predict_main(['--checkpoint', str(checkpoint), '--input', str(thick), '--out', str(tmp_path/'out'), '--no-animation']) == 0
     assert 'slice spacing 10 mm is outside' in capsys.readouterr().out
+
+def test_phantom_dicom_and_nifti_give_the_same_mask(tmp_path):
+    "On a synthetic phantom patient the DICOM series and its Task06 NIfTI twin yield the same mask, each on its own grid."
+    from lung_tumor_seg.phantom import make_phantom
+    phantom = make_phantom(tmp_path/'phantom', n_patients=1)
+    folder = next(phantom.glob('LIDC-IDRI/*/*/*'))
+    image = next((phantom/'Task06_Lung'/'imagesTr').glob('*.nii.gz'))
+    model = ThresholdModel()
+    from_dicom = predict(model, folder, tmp_path/'dicom', seg=True, animation=False)
+    from_nifti = predict(model, image, tmp_path/'nifti', animation=False)
+    series = read_series(folder)
+    a, b = nib.load(from_dicom['files']['mask']), nib.load(from_nifti['files']['mask'])
+    assert a.shape == series.geometry.shape[::-1] and np.allclose(a.affine, series.geometry.affine, atol=1e-4)
+    assert b.shape == nib.load(image).shape and np.allclose(b.affine, nib.load(image).affine, atol=1e-4)
+    # both grids hold the same voxels: compare in world space through the affines
+    to_b = np.linalg.inv(b.affine) @ a.affine
+    ijk = np.argwhere(np.asarray(a.dataobj) > 0)[::97]
+    mapped = np.rint(ijk @ to_b[:3, :3].T + to_b[:3, 3]).astype(int)
+    assert np.asarray(b.dataobj)[tuple(mapped.T)].mean() > 0.99
+    seg = pydicom.dcmread(from_dicom['files']['seg'])
+    per_frame = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence}
+    marked = np.asarray(a.dataobj).any((0, 1))
+    assert per_frame == {series.sop_uids[k] for k in np.nonzero(marked)[0]}
