@@ -134,6 +134,28 @@ def test_default_crop_never_drops_a_nodule_slice_and_restores(tmp_path):
     rc, _, err = run_cli(['--dicom', dicom, '--masks', masks, '--out', tmp_path/'prep30', '--slab', 'skip30'])
     assert rc == 1 and 'too few' in err
 
+def test_seed_slab_rule_warns_about_the_nodule_slices_it_drops(tmp_path):
+    hu, mask = toy_chest(n_slices=36, size=48, seed=2)
+    mask[4, 20:23, 20:23] = 1
+    dicom, masks = lidc_root(tmp_path, {'P1': (hu, mask, {})})
+    (tmp_path/'dicom'/'P9'/'study'/'xray').mkdir(parents=True)          # a series folder without mask: left out, counted
+    rc, _, err = run_cli(['--dicom', dicom, '--masks', masks, '--out', tmp_path/'prep', '--slab', 'skip30', '--size', 32])
+    assert rc == 0, err
+    assert 'P1: warning:' in err and 'nodule slices dropped' in err
+    assert '1 series folder(s) without a mask' in err
+    assert json.loads((tmp_path/'prep'/'patients'/'P1'/'meta.json').read_text())['z_range'] == [30, 36]
+
+def test_series_folders_named_otherwise_are_matched_by_their_dicom_ids(tmp_path):
+    hu, mask = toy_chest(n_slices=12, size=32, seed=6)
+    folder = write_series(tmp_path/'dicom'/'some-folder'/'study'/'series-1', hu, patient='LIDC-X')
+    uid = pydicom.dcmread(next(folder.glob('*.dcm'))).SeriesInstanceUID
+    (tmp_path/'masks'/f'LIDC-X_{uid}').mkdir(parents=True)
+    np.save(tmp_path/'masks'/f'LIDC-X_{uid}'/'consensus.npy', mask)
+    cases = lidc_cases(tmp_path/'dicom', tmp_path/'masks')
+    assert [(c.name, c.patient_id) for c in cases] == [('LIDC-X', 'LIDC-X')]
+    vol, loaded = cases[0].load()
+    np.testing.assert_array_equal(loaded, mask)
+
 def test_resize_down_and_restore(tmp_path):
     hu, mask = toy_chest(n_slices=20, size=96, seed=5)
     image, meta = preprocess_volume(hu, SPACING, PreprocessConfig(image_size=(64, 48)), mask_zyx=mask)
