@@ -4,7 +4,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch, yaml
 import lightning as L
 from lung_tumor_seg.core import LungsegError, save_nifti
-from lung_tumor_seg.preprocessing import toy_chest, preprocess, task06_cases, PreprocessConfig
+from lung_tumor_seg.preprocessing import preprocess, task06_cases, PreprocessConfig
+try: from lung_tumor_seg.volumes import toy_chest
+except ImportError: from lung_tumor_seg.preprocessing import toy_chest
 from lung_tumor_seg.dataset import LungDataModule
 from lung_tumor_seg.training import (SegModule, load_config, load_checkpoint, train_main, make_loss, LOSSES, resolve_precision,
                                      checkpoint_settings)
@@ -92,6 +94,12 @@ def test_resume_continues_and_refuses_another_model(prep, tmp_path):
     assert torch.load(run/'checkpoints'/'last.ckpt', weights_only=False)['global_step'] == 2*first
     with pytest.raises(LungsegError, match='base_width=4, expected 8'):
         train_main.__wrapped__(['--data', str(prep), '--out', str(run), '--max-epochs', '3', '--resume', 'last', *TINY, '--set', 'model.base_width=8'])
+
+def test_seeded_runs_are_reproducible(prep, run, tmp_path):
+    "Same seed, same data, same settings: identical weights after training (CPU, deterministic algorithms)."
+    assert train_main(['--data', str(prep), '--out', str(tmp_path/'again'), '--max-epochs', '2', '--set', 'data.context_slices=1', *TINY]) == 0
+    first, again = (torch.load(r/'checkpoints'/'last.ckpt', weights_only=False)['state_dict'] for r in (run, tmp_path/'again'))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 def test_bad_checkpoints_are_named_errors(run, tmp_path):
     best = run/'checkpoints'/'best.ckpt'
