@@ -217,9 +217,11 @@ def nodule_masks(patient:PhantomPatient, db_path=None) -> list:
         for a in aids:
             m = np.zeros((k1 - k0, y1 - y0, x1 - x0), bool)
             for c in sorted((db.contours[c] for c in db.annotations[a]['contours']), key=lambda c: not c['inclusion']):
-                k, fill = int(np.abs(z - c['z_mm']).argmin()) - k0, contour_interior(c['coords_xy'] - [x0, y0], m.shape[1:])
+                k, xy = int(np.abs(z - c['z_mm']).argmin()) - k0, c['coords_xy'] - [x0, y0]
+                fill = contour_interior(xy, m.shape[1:])
                 if c['inclusion']: m[k] |= fill
                 else: m[k] &= ~fill
+                m[k][xy[:, 1], xy[:, 0]] = False        # an outline's own pixels are never nodule (pylidc's boolean_mask)
             readers[patient.readers[a]] = m
         count = np.sum(list(readers.values()), axis=0)
         out.append(dict(consensus=2*count >= len(aids), reader_masks=readers, offset=(k0, int(y0), int(x0)), annotation_ids=list(aids)))

@@ -99,7 +99,7 @@ def test_xml_contours_equal_database(phantom, db):
             assert max(per_reader) == 1
 
 def test_label_is_reader_consensus(phantom):
-    "The Task06 label equals the >=50% agreement of the readers' LIDC-filled contours, recomputed from the XML."
+    "The Task06 label equals the >=50% agreement of the readers' contours filled as pylidc does, recomputed from the XML."
     out, truth = phantom
     for e in truth['patients']:
         _, reads = _xml_reads(out/e['xml'])
@@ -108,10 +108,11 @@ def test_label_is_reader_consensus(phantom):
         for r in reads.values():
             for nodule_id, rois in r:
                 m = np.zeros(shape, bool)
-                for zz, inc, xy, _ in sorted(rois, key=lambda t: not t[1]):
-                    k = int(np.abs(z - zz).argmin())
-                    fill = _interior([tuple(map(int, p.split(','))) for p in xy.split('\n')], shape[1:])
+                for zz, inc, xy, _ in sorted(rois, key=lambda t: not t[1]):     # pylidc: inclusions, then exclusions
+                    k, pts = int(np.abs(z - zz).argmin()), np.array([tuple(map(int, p.split(','))) for p in xy.split('\n')])
+                    fill = _interior(pts, shape[1:])
                     m[k] = m[k] | fill if inc else m[k] & ~fill
+                    m[k][pts[:, 1], pts[:, 0]] = False                              # outline pixels are never nodule
                 counts[nodule_id] = counts.get(nodule_id, 0) + m.astype(np.int32)
                 n_readers[nodule_id] = n_readers.get(nodule_id, 0) + 1
         expected = np.zeros(shape, bool)
