@@ -246,3 +246,36 @@ def test_annotations_and_masks_reproduce_the_label(phantom, tmp_path):
         consensus = np.load(tmp_path/'masks'/f"{e['patient_id']}_{e['series_uid']}"/'consensus.npy')
         label = np.asarray(nib.load(out/'Task06_Lung'/'labelsTr'/f"{e['task06']}.nii.gz").dataobj).transpose(2, 1, 0)
         assert np.array_equal(consensus > 0, label > 0)
+
+def test_failed_patient_is_listed_and_others_kept(tmp_path, monkeypatch):
+    "A patient that fails (disk error) is named in a one-line error; the others are written and a re-run completes the set."
+    import lung_tumor_seg.phantom as ph
+    real_write = ph.write_patient
+    def flaky(out, number, *args, **kw):
+        if number == 2: raise OSError(28, 'No space left on device')
+        return real_write(out, number, *args, **kw)
+    monkeypatch.setattr(ph, 'write_patient', flaky)
+    with pytest.raises(ph.LungsegError, match=r'1 of 2 phantom patients failed \(patient 2: .*No space left'):
+        make_phantom(tmp_path, n_patients=2, seed=0, max_slices=12)
+    truth = json.loads((tmp_path/'truth.json').read_text())
+    assert [e['number'] for e in truth['patients']] == [1]
+    assert json.loads((tmp_path/'Task06_Lung'/'dataset.json').read_text())['numTraining'] == 1
+    first = (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns
+    monkeypatch.setattr(ph, 'write_patient', real_write)
+    make_phantom(tmp_path, n_patients=2, seed=0, max_slices=12)
+    truth = json.loads((tmp_path/'truth.json').read_text())
+    assert [e['number'] for e in truth['patients']] == [1, 2]
+    assert (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns == first          # patient 1 not redone
+    assert json.loads((tmp_path/'Task06_Lung'/'dataset.json').read_text())['numTraining'] == 2
+
+def test_incomplete_patient_is_redone(tmp_path):
+    "A patient missing one of its files (an interrupted run) is written again; finished ones are left alone."
+    make_phantom(tmp_path, n_patients=2, seed=0, max_slices=12)
+    truth = json.loads((tmp_path/'truth.json').read_text())
+    label2 = tmp_path/'Task06_Lung'/'labelsTr'/'lung_002.nii.gz'
+    expected = label2.read_bytes(); label2.unlink()
+    kept = (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns
+    make_phantom(tmp_path, n_patients=2, seed=0, max_slices=12)
+    assert label2.read_bytes() == expected
+    assert (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns == kept
+    assert not [p for p in tmp_path.rglob('*') if '.part' in p.name]                   # no temporary names left
