@@ -116,10 +116,11 @@ def toy_run(tmp_path_factory):
             return Volume(hu, (2.5, 0.8, 0.8), np.diag([-0.8, -0.8, 2.5, 1.0]), name), mask
         return Case(name, name, load)
     prep = root/'prep'
-    res = preprocess([case(f'TOY-{i}', i) for i in range(4)], prep, PreprocessConfig(image_size=(32, 32), slab='all'))
+    names = ['PHANTOM-0001', 'TOY-1', 'TOY-2', 'TOY-3']    # the first shares its ID with the phantom patient of the reader test
+    res = preprocess([case(n, i) for i, n in enumerate(names)], prep, PreprocessConfig(image_size=(32, 32), slab='all'))
     assert res.ok
     split = json.loads((prep/'split.json').read_text())
-    split['test'] = ['TOY-0', 'TOY-3']; (prep/'split.json').write_text(json.dumps(split))
+    split['test'] = ['PHANTOM-0001', 'TOY-3']; (prep/'split.json').write_text(json.dumps(split))
     run = root/'run'; (run/'checkpoints').mkdir(parents=True)
     module = SegModule(model=dict(base_width=4, depth=2), preprocess=json.loads((prep/'preprocess.json').read_text()))
     _save_checkpoint(module, run/'checkpoints'/'best.ckpt')
@@ -136,10 +137,10 @@ def test_evaluate_cli_writes_metrics(toy_run, capsys):
     m = json.loads((run/'eval'/'metrics.json').read_text())
     for key in ('mean_patient_dice', 'median_patient_dice', 'sensitivity_6mm_plus', 'fp_per_scan', 'empty_mask_rule', 'split', 'patients', 'n_patients'):
         assert key in m
-    assert m['split'] == 'test' and m['patients'] == ['TOY-0', 'TOY-3'] and m['n_patients'] == 2
-    assert (m['n_patients_dice'], m['empty_gt'], m['patients_dice']) == (1, 1, ['TOY-0'])
+    assert m['split'] == 'test' and m['patients'] == ['PHANTOM-0001', 'TOY-3'] and m['n_patients'] == 2
+    assert (m['n_patients_dice'], m['empty_gt'], m['patients_dice']) == (1, 1, ['PHANTOM-0001'])
     table = pd.read_csv(run/'eval'/'patients.csv')
-    assert m['mean_patient_dice'] == pytest.approx(table.set_index('patient').loc['TOY-0', 'dice'], abs=1e-6)
+    assert m['mean_patient_dice'] == pytest.approx(table.set_index('patient').loc['PHANTOM-0001', 'dice'], abs=1e-6)
     assert math.isnan(table.set_index('patient').loc['TOY-3', 'dice'])
     for name in ('nodules.csv', 'curves.png', 'patient_dice.png'): assert (run/'eval'/name).exists()
 
@@ -190,3 +191,18 @@ def test_evaluate_on_the_original_grid(tmp_path, capsys):
         json.loads((prep/'patients'/rows.patient[0]/'meta.json').read_text()) | dict(source=str(tmp_path/'gone.nii.gz'))))
     assert evaluate_main(['--run', str(run), '--data', str(prep), '--split', 'train', '--grid', 'original']) == 1
     assert 'original mask not found' in capsys.readouterr().err
+
+def test_evaluate_with_the_human_reference(toy_run, tmp_path, capsys):
+    "--readers adds each reader-vs-others row of the evaluated patients that have an XML read (here the phantom's)."
+    from lung_tumor_seg.phantom import cached_phantom
+    run, prep, _ = toy_run
+    phantom = cached_phantom(2)     # shared with the other tests that need the phantom
+    assert evaluate_main(['--run', str(run), '--readers', str(phantom/'LIDC-IDRI'), '--split', 'test']) == 0
+    assert 'human reference:' in capsys.readouterr().out
+    readers = pd.read_csv(run/'eval'/'human_reference.csv')
+    xml_readers = next(phantom.glob('LIDC-IDRI/PHANTOM-0001/*/*/*.xml')).read_text().count('<readingSession>')
+    assert set(readers.patient) == {'PHANTOM-0001'} and len(readers) == xml_readers      # TOY-3 has no read: no rows
+    m = json.loads((run/'eval'/'metrics.json').read_text())
+    assert m['human_patients'] == ['PHANTOM-0001'] and m['human_reader_rows'] == xml_readers
+    assert m['human_mean_reader_dice'] == pytest.approx(readers.dice.mean(), abs=1e-6)
+    assert (run/'eval'/'model_vs_readers.png').exists()

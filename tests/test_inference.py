@@ -152,10 +152,11 @@ def test_spacing_outside_chest_ct_warns(checkpoint, tmp_path, capsys):
 
 def test_phantom_dicom_and_nifti_give_the_same_mask(tmp_path):
     "On a synthetic phantom patient the DICOM series and its Task06 NIfTI twin yield the same mask, each on its own grid."
-    from lung_tumor_seg.phantom import make_phantom
-    phantom = make_phantom(tmp_path/'phantom', n_patients=1)
-    folder = next(phantom.glob('LIDC-IDRI/*/*/*'))
-    image = next((phantom/'Task06_Lung'/'imagesTr').glob('*.nii.gz'))
+    from lung_tumor_seg.phantom import cached_phantom
+    phantom = cached_phantom(2)     # shared with the other tests that need the phantom
+    folder = next(phantom.glob('LIDC-IDRI/PHANTOM-0001/*/*'))
+    entry = next(e for e in json.loads((phantom/'truth.json').read_text())['patients'] if e['patient_id'] == 'PHANTOM-0001')
+    image = phantom/'Task06_Lung'/'imagesTr'/f"{entry['task06']}.nii.gz"
     model = ThresholdModel()
     from_dicom = predict(model, folder, tmp_path/'dicom', seg=True, animation=False)
     from_nifti = predict(model, image, tmp_path/'nifti', animation=False)
