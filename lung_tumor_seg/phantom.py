@@ -438,6 +438,6 @@ def phantom_main(argv:list[str]|None=None) -> int:
     out = make_phantom(args.out, args.patients, args.seed, args.max_slices, progress=sys.stderr.isatty())
     patients = json.loads((out/'truth.json').read_text())['patients'][:args.patients]
     nodules = [n for e in patients for n in e['nodules']]
-    print(f"{out}: {len(patients)} synthetic patients, {len(nodules)} nodules "
+    print(f"{out}: {len(patients)} synthetic patient{'s'[:len(patients) != 1]}, {len(nodules)} nodule{'s'[:len(nodules) != 1]} "
           f"({sum(n['diameter_mm'] >= 6 for n in nodules)} of at least 6 mm): LIDC-IDRI/, Task06_Lung/, truth.json")
     return 0

@@ -190,7 +190,7 @@ def test_contour_interior_matches_independent_fill(db):
 def test_cli_end_to_end(tmp_path, capsys):
     assert main(['phantom', '--out', str(tmp_path/'ph'), '--patients', '1', '--seed', '3', '--max-slices', '12']) == 0
     line = capsys.readouterr().out.strip()
-    assert '1 synthetic patients' in line and len(line.splitlines()) == 1
+    assert '1 synthetic patient,' in line and len(line.splitlines()) == 1
     truth = json.loads((tmp_path/'ph'/'truth.json').read_text())
     assert truth['seed'] == 3 and len(read_series(tmp_path/'ph'/truth['patients'][0]['series_dir']).files) == 12
     assert len(list((tmp_path/'ph'/'Task06_Lung'/'imagesTr').glob('lung_*.nii.gz'))) == 1
