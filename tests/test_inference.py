@@ -173,3 +173,18 @@ def test_phantom_dicom_and_nifti_give_the_same_mask(tmp_path):
     per_frame = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence}
     marked = np.asarray(a.dataobj).any((0, 1))
     assert per_frame == {series.sop_uids[k] for k in np.nonzero(marked)[0]}
+
+from lung_tumor_seg.core import sample_dir, SAMPLE_HINT
+
+@pytest.mark.skipif(sample_dir() is None, reason=SAMPLE_HINT)
+def test_predict_on_the_real_sample(tmp_path):
+    "Real LIDC-IDRI slices (GE padding, real headers): mask on the series grid, SEG frames referencing real SOP instances."
+    folder = next((sample_dir()/'LIDC-IDRI-0001').glob('*/*'))
+    res = predict(ThresholdModel(), folder, tmp_path, seg=True, animation=False)
+    series = read_series(folder)
+    mask = nib.load(res['files']['mask'])
+    assert mask.shape == (512, 512, 16) and np.allclose(mask.affine, series.geometry.affine, atol=1e-4)
+    seg = pydicom.dcmread(res['files']['seg'])
+    per_frame = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence}
+    assert per_frame == {series.sop_uids[k] for k in np.nonzero(np.asarray(mask.dataobj).any((0, 1)))[0]}
+    assert seg.PatientID == 'LIDC-IDRI-0001' and seg.StudyInstanceUID == series.study_uid
