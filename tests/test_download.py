@@ -51,10 +51,10 @@ def test_every_fault_ends_complete_and_identical(tmp_path, archive, capsys):
               Fault('error500', series_uid=uids[2]), Fault('throttle429', series_uid=uids[2]),
               Fault('hang', series_uid=uids[3]), Fault('slow', series_uid=uids[3])]
     assert {f.kind for f in faults} == set(FAULT_KINDS)
-    with NBIATestServer(collections, faults, retry_after_s=1, slow_chunk_s=0.02, hang_s=5) as server:
+    with NBIATestServer(collections, faults, retry_after_s=1, slow_chunk_s=0.02, hang_s=10) as server:
         series = uids + ([p.name for p in sample_dir().glob('*/*/*')] if sample_dir() else [])
         rc = download_main(['--out', str(tmp_path/'raw'), '--api-url', server.url, '--series', *series,
-                            '--timeout', '1', '--workers', '3', *FAST])
+                            '--timeout', '3', '--workers', '3', *FAST])
         assert [f.kind for f in server.faults if f.times] == [], "faults never triggered"
     out = capsys.readouterr()
     assert rc == 0, out.err
