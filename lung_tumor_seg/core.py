@@ -38,9 +38,14 @@ def sample_dir(required:bool=False # raise `LungsegError` when the sample is abs
 def project_root(start:Path|None=None) -> Path|None:
     "The nearest folder at or above `start` (default: the working folder) holding this project's `settings.ini`."
     here = Path(start or Path.cwd()).resolve()
+    import configparser
     for folder in (here, *here.parents):
         ini = folder/'settings.ini'
-        if ini.exists() and 'lib_name = lung_tumor_seg' in ini.read_text(errors='ignore'): return folder
+        if not ini.exists(): continue
+        cfg = configparser.ConfigParser(delimiters=['='])
+        try: cfg.read(ini, encoding='utf-8')
+        except configparser.Error: continue
+        if cfg['DEFAULT'].get('lib_name') == 'lung_tumor_seg': return folder
     return None
 
 def data_dir() -> Path:
@@ -285,7 +290,7 @@ def save_nifti(volume_zyx:np.ndarray, # array indexed (z, y, x)
                path:str|Path):
     "Write a `(z, y, x)` array as NIfTI `(x, y, z)` atomically (temporary name, then rename)."
     import nibabel as nib
-    img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(volume_zyx).transpose(2, 1, 0)), affine)
+    img = nib.Nifti1Image(np.asarray(volume_zyx).T, affine)  # (x, y, z) view, no copy: nibabel writes it in NIfTI order
     img.set_qform(affine, code=1); img.set_sform(affine, code=1)
     path = Path(path)
     with atomic_path(path, suffix=''.join(path.suffixes)) as tmp: nib.save(img, tmp)
