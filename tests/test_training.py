@@ -13,7 +13,7 @@ from lung_tumor_seg.training import (SegModule, load_config, load_checkpoint, tr
 
 ROOT = Path(__file__).resolve().parents[1]
 LUNGSEG = Path(sys.executable).parent/'lungseg'
-TINY = ['--set', 'model.base_width=4', '--set', 'model.depth=2', '--batch-size', '8', '--num-workers', '0',
+TINY = ['--set', 'threads=1', '--set', 'model.base_width=4', '--set', 'model.depth=2', '--batch-size', '8', '--num-workers', '0',
         '--limit-train-batches', '3', '--set', 'trainer.log_every_n_steps=1', '--set', 'trainer.progress_bar=false',
         '--set', 'trainer.model_summary=false', '--set', 'optim.warmup_steps=1']
 
@@ -37,13 +37,15 @@ def prep(tmp_path_factory):
 def run(prep, tmp_path_factory):
     "A 2.5D run of two tiny epochs made with `lungseg train`."
     run = tmp_path_factory.mktemp('runs')/'run'
-    assert train_main(['--data', str(prep), '--out', str(run), '--max-epochs', '2', '--set', 'data.context_slices=1', *TINY]) == 0
+    assert train_main(['--data', str(prep), '--out', str(run), '--max-epochs', '2', '--set', 'data.context_slices=1',
+                       '--set', 'train.crop_size=48', *TINY]) == 0
     return run
 
 def test_cli_run_leaves_checkpoints_logs_config_and_panel(prep, run):
     for name in ('checkpoints/best.ckpt', 'checkpoints/last.ckpt', 'config.yaml', 'val_panel.png', 'logs/csv/metrics.csv'):
         assert (run/name).is_file(), name
     config = yaml.safe_load((run/'config.yaml').read_text())
+    assert config['train']['crop_size'] == 48
     assert config['trainer']['max_epochs'] == 2 and config['data']['context_slices'] == 1 and config['prep_dir'] == str(prep.resolve())
     # the run's own config.yaml is a valid --config for another run
     assert load_config(run/'config.yaml')['model']['base_width'] == 4
@@ -97,7 +99,8 @@ def test_resume_continues_and_refuses_another_model(prep, tmp_path):
 
 def test_seeded_runs_are_reproducible(prep, run, tmp_path):
     "Same seed, same data, same settings: identical weights after training (CPU, deterministic algorithms)."
-    assert train_main(['--data', str(prep), '--out', str(tmp_path/'again'), '--max-epochs', '2', '--set', 'data.context_slices=1', *TINY]) == 0
+    assert train_main(['--data', str(prep), '--out', str(tmp_path/'again'), '--max-epochs', '2', '--set', 'data.context_slices=1',
+                       '--set', 'train.crop_size=48', *TINY]) == 0
     first, again = (torch.load(r/'checkpoints'/'last.ckpt', weights_only=False)['state_dict'] for r in (run, tmp_path/'again'))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
