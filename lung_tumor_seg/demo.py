@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from .core import LungsegError, cli_command, atomic_path, data_dir, project_root
 
 # %% auto #0
-__all__ = ['config_path', 'Stopwatch', 'run_command', 'human_reference', 'write_report', 'run_demo', 'demo_main']
+__all__ = ['config_path', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
 
 # %% ../nbs/11_demo.ipynb #8c1a60c9
 def config_path(name:str='demo') -> Path:
@@ -41,26 +41,6 @@ def run_command(name:str, argv:list) -> None:
     rc = main([name, *map(str, argv)])
     if rc != 0: raise LungsegError(f"demo stage `lungseg {name}` failed (exit code {rc}); see the messages above")
 
-# %% ../nbs/11_demo.ipynb #eae2cb95
-def human_reference(mask_dir:Path, annotations_dir:Path, dicom_root:Path, patients:list) -> pd.DataFrame:
-    "Per reader and patient: 3D Dice, IoU, precision, recall, HD95 of each reader against the other readers' consensus."
-    from lung_tumor_seg.annotations import load_read, find_series
-    from lung_tumor_seg.core import read_series
-    from lung_tumor_seg.masks import series_masks
-    from lung_tumor_seg.evaluation import reader_masks, reader_agreement
-    rows = []
-    for f in sorted(Path(annotations_dir).glob('*.json')):
-        read = load_read(f)
-        if read.get('patient_id') not in patients: continue
-        series = read_series(find_series(dicom_root, read['series_uid']), read['series_uid'])
-        sm = series_masks(read, series)
-        ids, masks = reader_masks(sm, [s['reader_id'] for s in read['sessions']])
-        if len(ids) < 2: continue
-        table = reader_agreement(masks, series.geometry.spacing_mm)
-        table.insert(0, 'patient', read['patient_id']); table['reader'] = [ids[r] for r in table.reader]
-        rows.append(table)
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-
 # %% ../nbs/11_demo.ipynb #fc865ca4
 def _fmt(v, digits=3):
     return 'n/a' if v is None or (isinstance(v, float) and not np.isfinite(v)) else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
@@ -85,10 +65,11 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
              f"Detection rule: {m.get('detection_rule', '')}.", "",
              "## Per patient", "", patients.to_markdown(index=False, floatfmt='.3f') if len(patients) else '(none)', ""]
     if len(human):
-        agg = human.groupby('patient')[['dice', 'iou', 'precision', 'recall', 'hd95_mm']].mean()
+        cols = [c for c in ('patient', 'reader', 'dice', 'iou', 'precision', 'recall', 'hd95_mm') if c in human]
         lines += ["## Human reference: each reader against the consensus of the other readers", "",
-                  f"Mean per-reader 3D Dice over the same test patients: **{_fmt(float(human.dice.mean()))}** "
-                  f"(model: {_fmt(m['mean_patient_dice'])}).", "", agg.to_markdown(floatfmt='.3f'), ""]
+                  f"Mean per-reader 3D Dice over the same test patients: **{_fmt(m.get('human_mean_reader_dice'))}** "
+                  f"(model: {_fmt(m['mean_patient_dice'])}). {m.get('human_reference', '')}.", "",
+                  human[cols].to_markdown(index=False, floatfmt='.3f'), ""]
     lines += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()] + [""]
     lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).relative_to(out).as_posix()})" for f in figures if Path(f).exists()]
     with atomic_path(out/'report.md', '.md') as tmp: tmp.write_text('\n'.join(lines) + '\n')
@@ -117,9 +98,12 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
     if max_epochs: train_args += ['--max-epochs', max_epochs]
     if run.exists(): shutil.rmtree(run)
     sw.run('train', run_command, 'train', train_args)
-    sw.run('evaluate', run_command, 'evaluate', ['--run', run, '--split', 'test'])
+    sw.run('evaluate', run_command, 'evaluate', ['--run', run, '--split', 'test', '--grid', 'original', '--masks', masks,
+                                                  '--readers', raw])
     metrics = json.loads((run/'eval'/'metrics.json').read_text())
     patients = pd.read_csv(run/'eval'/'patients.csv')
+    human_csv = run/'eval'/'human_reference.csv'
+    human = pd.read_csv(human_csv) if human_csv.exists() else pd.DataFrame()
     figures = sorted((run/'eval').glob('*.png')) + sorted(run.glob('*.png'))
     test_patients = [p.split('_')[0] for p in metrics['patients']]
     if predict and test_patients:
@@ -128,11 +112,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
         sw.run('predict', run_command, 'predict', ['--checkpoint', ckpt, '--input', series_dir,
                                                     '--out', out/'prediction', '--seg'])
         figures += sorted((out/'prediction').glob('*.gif'))
-    human = sw.run('human reference', human_reference, masks, ann, raw, test_patients)
-    if len(human):
-        with atomic_path(out/'human_reference.csv', '.csv') as tmp: human.to_csv(tmp, index=False)
     metrics = dict(metrics, data='synthetic LIDC-geometry phantom', phantom_patients=n_patients, seed=seed,
-                   human_reference_mean_dice=float(human.dice.mean()) if len(human) else None,
                    stage_seconds=sw.times, demo_wall_s=sw.total,
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, 1))
     write_report(out, metrics, patients, human, sw.times, figures)

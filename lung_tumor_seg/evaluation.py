@@ -71,20 +71,26 @@ def size_bin(diameter_mm:float) -> str:
 # %% ../nbs/09_evaluation.ipynb #87accd5b
 def match_nodules(pred:np.ndarray,      # predicted binary mask (z, y, x)
                   truth:np.ndarray,     # ground-truth binary mask
-                  spacing_mm:tuple      # voxel spacing (dz, dy, dx) in mm
+                  spacing_mm:tuple,     # voxel spacing (dz, dy, dx) in mm
+                  min_iou:float=0.1     # IoU between a nodule and the predicted components touching it, to count as hit
                  ) -> tuple:
-    "Ground-truth nodules (one dict each: size, bin, hit) and the number of false-positive predicted components."
+    "Ground-truth nodules (one dict each: size, bin, IoU, hit) and the number of false-positive predicted components."
     truth_labels, n_true = label_components(truth)
     pred_labels, n_pred = label_components(pred)
     sizes = np.bincount(truth_labels.ravel(), minlength=n_true + 1)
+    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
     both = (truth_labels > 0) & (pred_labels > 0)
-    hit_truth = set(np.unique(truth_labels[both]).tolist())
-    hit_pred = set(np.unique(pred_labels[both]).tolist())
+    pairs, overlap = np.unique(truth_labels[both].astype(np.int64)*(n_pred + 1) + pred_labels[both], return_counts=True)
+    pair_truth, pair_pred = np.divmod(pairs, n_pred + 1)
     nodules = []
     for k in range(1, n_true + 1):
+        touching = pair_truth == k
+        inter = int(overlap[touching].sum())
+        iou = inter/(int(sizes[k]) + int(pred_sizes[pair_pred[touching]].sum()) - inter) if inter else 0.0
         d = equivalent_diameter_mm(int(sizes[k]), spacing_mm)
-        nodules.append(dict(nodule=k, voxels=int(sizes[k]), diameter_mm=round(d, 2), size_bin=size_bin(d), hit=k in hit_truth))
-    return nodules, n_pred - len(hit_pred)
+        nodules.append(dict(nodule=k, voxels=int(sizes[k]), diameter_mm=round(d, 2), size_bin=size_bin(d),
+                            iou=round(iou, 4), hit=iou >= min_iou))
+    return nodules, n_pred - len(set(pair_pred.tolist()))
 
 # %% ../nbs/09_evaluation.ipynb #faed26ee
 def detection_summary(nodules:pd.DataFrame|list, # one row per ground-truth nodule with `diameter_mm`, `size_bin`, `hit`
@@ -377,7 +383,7 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                          f"{settings.get('image_size')}; ground truth = stored masks") if grid == 'stored' else
                         ('original grid of each scan with its own spacing: predictions restored (restore_mask), ground truth = '
                          'original masks; slices outside the preprocessing slab are predicted empty'),
-                   detection_rule='26-connected components; a ground-truth nodule is hit when a predicted voxel lies in it; '
+                   detection_rule='26-connected components; a ground-truth nodule is hit when the predicted components touching it overlap it with IoU >= 0.1; '
                                   'a predicted component touching no ground-truth nodule is a false positive; size = equivalent diameter',
                    patients=list(patients.patient), failed=[f"{volumes.patients[i]}: {m}" for i, m in result.failures],
                    **summarize_patients(patients, nodules))

@@ -57,13 +57,14 @@ def test_detection_by_size_bins():
     centres = {'4mm': (10, 10, 10), '8mm': (10, 10, 30), '15mm': (30, 30, 50), '25mm': (30, 30, 90)}
     truth = np.zeros(shape, bool)
     for k in diam: truth |= ball(shape, centres[k], diam[k]/2)
-    pred = ball(shape, centres['8mm'], 2) | ball(shape, centres['25mm'], 5) | box(shape, (50, 50, 5), (53, 53, 8))   # 2 hits, 1 FP
+    pred = ball(shape, centres['8mm'], 2.5) | ball(shape, centres['25mm'], 8) | box(shape, (50, 50, 5), (53, 53, 8))   # 2 hits, 1 FP
     nodules, n_fp = match_nodules(pred, truth, spacing)
     by_bin = {n['size_bin']: n for n in nodules}
     assert set(by_bin) == {'3-6', '6-10', '10-20', '>20'}
     for k, b in zip(diam, ['3-6', '6-10', '10-20', '>20']):
         assert by_bin[b]['diameter_mm'] == pytest.approx(equivalent_diameter_mm(int(ball(shape, centres[k], diam[k]/2).sum()), spacing), abs=0.01)
     assert [by_bin[b]['hit'] for b in ['3-6', '6-10', '10-20', '>20']] == [False, True, False, True]
+    assert by_bin['>20']['iou'] == pytest.approx(ball(shape, centres['25mm'], 8).sum()/ball(shape, centres['25mm'], 12.5).sum(), abs=1e-3)
     assert n_fp == 1
     s = detection_summary(nodules, [n_fp, 0])
     assert s['sensitivity_6mm_plus'] == pytest.approx(2/3) and s['sensitivity'] == pytest.approx(0.5)
@@ -206,3 +207,11 @@ def test_evaluate_with_the_human_reference(toy_run, tmp_path, capsys):
     assert m['human_patients'] == ['PHANTOM-0001'] and m['human_reader_rows'] == xml_readers
     assert m['human_mean_reader_dice'] == pytest.approx(readers.dice.mean(), abs=1e-6)
     assert (run/'eval'/'model_vs_readers.png').exists()
+
+def test_small_overlap_is_not_a_hit():
+    "A predicted component that grazes a nodule (IoU below 0.1) does not find it."
+    shape = (40, 40, 40)
+    truth = ball(shape, (20, 20, 20), 8)
+    graze = ball(shape, (20, 20, 29), 2)       # mostly outside, touches the rim
+    nodules, n_fp = match_nodules(graze, truth, (1, 1, 1))
+    assert nodules[0]['iou'] < 0.1 and not nodules[0]['hit'] and n_fp == 0
