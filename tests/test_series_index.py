@@ -1,5 +1,5 @@
 "The local series index (headers only, cached) and resolution of SeriesInstanceUIDs to local series."
-import os, shutil
+import shutil
 from pathlib import Path
 import pytest
 
@@ -98,9 +98,8 @@ def test_resolve_downloads_only_the_missing_series(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get('LUNGSEG_SLOW_TESTS'), reason='slow (writes 100 phantom patients once): set LUNGSEG_SLOW_TESTS=1')
 def test_phantom_index_of_100_series(tmp_path):
-    "The index of 100 phantom series lists each patient once, with CT modality; a second run reads no header."
+    "The index of 100 phantom series (written once, minutes) lists each patient once, CT only; a second run reads no header."
     from lung_tumor_seg.phantom import cached_phantom
     root = cached_phantom(n_patients=100)/'LIDC-IDRI'
     index = build_series_index(root, cache=tmp_path/'index.json')
