@@ -47,7 +47,7 @@ def test_quick_selection():
 def test_scaling_rows_compare_with_linear_growth():
     rows = scaling_rows('preprocess_scaling', [1, 1, 4, 4], [2.0, 1.5, 8.0, 6.0], 'patients', [1, 2, 1, 2])
     assert [r['name'] for r in rows] == ['preprocess_scaling_1_1w', 'preprocess_scaling_1_2w', 'preprocess_scaling_4_1w', 'preprocess_scaling_4_2w']
-    assert [r['peer'] for r in rows] == pytest.approx([2.0, 1.0, 8.0, 4.0])
+    assert [r['peer'] for r in rows] == pytest.approx([2.0, 2.0, 8.0, 4.0])   # one patient keeps one worker busy
     assert rows[3]['ratio'] == pytest.approx(1.5) and rows[3]['higher_is_better'] is False
 
 def test_writers_round_trip(tmp_path):
