@@ -152,27 +152,12 @@ def load_read(path:str|Path) -> dict:
     return read
 
 # %% ../nbs/02_annotations.ipynb #55dc0b26
-def _first_header(folder:Path, files:list[str]):
-    "First readable DICOM header among a folder's files (UID tags only), or None."
-    for name in sorted(files, key=lambda n: (not n.lower().endswith('.dcm'), n))[:5]:
-        if name.startswith('.') or name.lower().endswith(('.xml', '.json', '.txt')): continue
-        try: return pydicom.dcmread(folder/name, stop_before_pixels=True,
-                                    specific_tags=['SeriesInstanceUID', 'StudyInstanceUID', 'PatientID'])
-        except Exception: continue
-    return None
-
-# %% ../nbs/02_annotations.ipynb #94f0d7ba
-def series_index(dicom_root:str|Path # folder searched recursively for DICOM series
+def series_index(dicom_root:str|Path # folder searched for DICOM series
                 ) -> dict[str, Path]:
-    "Map `SeriesInstanceUID -> folder` from the first DICOM header of every folder under `dicom_root`."
-    dicom_root = Path(dicom_root)
-    if not dicom_root.is_dir(): raise LungsegError(f"{dicom_root}: DICOM root not found")
-    index = {}
-    for folder, _, files in sorted(os.walk(dicom_root)):
-        ds = _first_header(Path(folder), files) if files else None
-        uid = getattr(ds, 'SeriesInstanceUID', None) if ds is not None else None
-        if uid: index.setdefault(str(uid), Path(folder))
-    return index
+    "Map `SeriesInstanceUID -> folder` of every series under `dicom_root`, from the cached local series index."
+    from lung_tumor_seg.series_index import build_series_index
+    index = build_series_index(dicom_root)
+    return dict(zip(index.series_uid, map(Path, index.path)))
 
 # %% ../nbs/02_annotations.ipynb #7fce139e
 def find_series(dicom_root:str|Path, series_uid:str, index:dict|None=None, source:str='') -> Path:
