@@ -72,9 +72,9 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_cli_demo_rows_from_metrics(tmp_path):
     "The demo section reads a demo's metrics.json: rows against the 15-minute budget and the machine's memory."
     (tmp_path/'metrics.json').write_text(json.dumps(dict(demo_wall_s=450.0, peak_rss_mb=1500.0, phantom_patients=16)))
-    assert bench_main(['--only', 'demo', '--demo-metrics', str(tmp_path/'metrics.json'), '--json', str(tmp_path/'r.json'),
+    assert bench_main(['--quick', '--only', 'demo', '--demo-metrics', str(tmp_path/'metrics.json'), '--json', str(tmp_path/'r.json'),
                        '--md', str(tmp_path/'r.md')]) == 0
     rows = {r['name']: r for r in json.loads((tmp_path/'r.json').read_text())}
     assert {'machine', 'demo_wall_s', 'demo_peak_rss_mb', 'bench_wall_s'} <= set(rows)
     assert rows['demo_wall_s']['ratio'] == pytest.approx(0.5) and rows['demo_peak_rss_mb']['ours'] == 1500.0
-    assert 'demo_wall_s' in (tmp_path/'r.md').read_text()
+    assert 'demo_wall_s' in (tmp_path/'r.md').read_text() and rows['bench_wall_s']['peer'] == 600     # --quick: the 10-minute limit
