@@ -1,8 +1,9 @@
 "Evaluation metrics against hand-constructible cases, empty-mask rules, detection by size, and `lungseg evaluate` end to end."
-import json, logging, math
+import json, math
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, yaml
 from scipy import ndimage
+from conftest import save_checkpoint
 from scipy.spatial import cKDTree
 from lung_tumor_seg.evaluation import (overlap_metrics, hausdorff95_mm, match_nodules, detection_summary, evaluate_volume,
                                        summarize_patients, reader_agreement, slice_level_extras, equivalent_diameter_mm,
@@ -97,13 +98,6 @@ def test_predict_probabilities_flip_tta_averages_flipped_passes():
 
 # --- lungseg evaluate end to end --------------------------------------------------------------------------------------
 
-def _save_checkpoint(module, path):
-    import lightning as L
-    logging.getLogger('lightning.pytorch').setLevel(logging.ERROR)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator='cpu')
-    trainer.strategy.connect(module); trainer.save_checkpoint(path)
-    return path
-
 @pytest.fixture(scope='module')
 def toy_run(tmp_path_factory):
     from lung_tumor_seg.volumes import toy_chest, Volume
@@ -124,7 +118,7 @@ def toy_run(tmp_path_factory):
     split['test'] = ['PHANTOM-0001', 'TOY-3']; (prep/'split.json').write_text(json.dumps(split))
     run = root/'run'; (run/'checkpoints').mkdir(parents=True)
     module = SegModule(model=dict(base_width=4, depth=2), preprocess=json.loads((prep/'preprocess.json').read_text()))
-    _save_checkpoint(module, run/'checkpoints'/'best.ckpt')
+    save_checkpoint(module, run/'checkpoints'/'best.ckpt')
     (run/'config.yaml').write_text(yaml.safe_dump({'prep_dir': str(prep)}))
     log = run/'logs'/'csv'/'metrics.csv'; log.parent.mkdir(parents=True)
     log.write_text("epoch,step,train/loss_epoch,val/patient_dice\n0,9,0.9,\n0,9,,0.2\n1,19,0.6,\n1,19,,0.5\n")
@@ -154,7 +148,7 @@ def test_evaluate_bad_inputs(toy_run, tmp_path, capsys):
     assert 'best.ckpt' in capsys.readouterr().err
     from lung_tumor_seg.training import SegModule
     other = tmp_path/'other'; (other/'checkpoints').mkdir(parents=True)
-    _save_checkpoint(SegModule(model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[64, 64])), other/'checkpoints'/'best.ckpt')
+    save_checkpoint(SegModule(model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[64, 64])), other/'checkpoints'/'best.ckpt')
     assert evaluate_main(['--run', str(other), '--data', str(prep)]) == 1
     err = capsys.readouterr().err
     assert 'image_size' in err and len(err.strip().splitlines()) == 1
@@ -178,7 +172,7 @@ def test_evaluate_on_the_original_grid(tmp_path, capsys):
     module = SegModule(model=dict(base_width=4, depth=2), preprocess=json.loads((prep/'preprocess.json').read_text()))
     with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(10.)   # tumour everywhere
     run = tmp_path/'run'; (run/'checkpoints').mkdir(parents=True)
-    _save_checkpoint(module, run/'checkpoints'/'best.ckpt')
+    save_checkpoint(module, run/'checkpoints'/'best.ckpt')
     assert evaluate_main(['--run', str(run), '--data', str(prep), '--split', 'train', '--grid', 'original']) == 0
     rows = pd.read_csv(run/'eval'/'patients.csv')
     assert len(rows) == len(json.loads((prep/'split.json').read_text())['train']) > 0

@@ -1,8 +1,9 @@
 "`lungseg predict` on small synthetic DICOM series and NIfTI files: output grid, DICOM SEG references, bad inputs."
-import json, logging
+import json
 from pathlib import Path
 import numpy as np, nibabel as nib, pydicom, pytest, torch
 from pydicom.dataset import Dataset, FileMetaDataset
+from conftest import save_checkpoint
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid, CTImageStorage
 from lung_tumor_seg.core import read_series, load_hu, save_nifti
 from lung_tumor_seg.inference import predict, predict_main, read_volume, remove_small_components, load_model
@@ -46,20 +47,13 @@ class ThresholdModel(torch.nn.Module):
         self.hparams = dict(preprocess=dict(window='lung', image_size=[24, 24], slab='all'), context_slices=0)
     def forward(self, x): return self.conv(x)
 
-def _save_checkpoint(module, path):
-    import lightning as L
-    logging.getLogger('lightning.pytorch').setLevel(logging.ERROR)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator='cpu')
-    trainer.strategy.connect(module); trainer.save_checkpoint(path)
-    return path
-
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     "A small untrained 2.5D SegModule checkpoint whose head is set to predict tumour everywhere."
     from lung_tumor_seg.training import SegModule
     module = SegModule(context_slices=1, model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[32, 32], slab='all'))
     with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(5.0)
-    return _save_checkpoint(module, tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
+    return save_checkpoint(module, tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
 
 def test_predict_dicom_cli_grid_and_seg(checkpoint, tmp_path, capsys):
     folder = write_series(tmp_path/'series', synthetic_ct())
