@@ -154,7 +154,7 @@ def conv_peak_gflops(batch:int=8, channels:int=64, size:int=128, repeats:int=3, 
 
 # %% ../nbs/12a_bench_sections.ipynb #25aadd01
 def demo_model(config:str|Path|None=None) -> torch.nn.Module:
-    "The untrained `SegModule` of the demo configuration (default `configs/demo.yaml`), with default preprocessing settings."
+    "The untrained `SegModule` of the demo configuration (default `lung_tumor_seg/configs/demo.yaml`), with default preprocessing settings."
     from dataclasses import asdict
     from lung_tumor_seg.demo import config_path
     from lung_tumor_seg.preprocessing import PreprocessConfig

@@ -10,15 +10,7 @@ import numpy as np, pandas as pd
 from .core import LungsegError, cli_command, atomic_path, data_dir, project_root
 
 # %% auto #0
-__all__ = ['config_path', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
-
-# %% ../nbs/11_demo.ipynb #8c1a60c9
-def config_path(name:str='demo') -> Path:
-    "Path of a training configuration shipped with the package (`demo`, `lidc_full`, `task06_full`)."
-    import lung_tumor_seg
-    path = Path(lung_tumor_seg.__file__).parent/'configs'/f'{name}.yaml'
-    if not path.exists(): raise LungsegError(f"{path}: configuration {name!r} not found")
-    return path
+__all__ = ['Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
 
 # %% ../nbs/11_demo.ipynb #acc23aa5
 class Stopwatch:
@@ -86,6 +78,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
             ) -> dict:
     "Run the whole pipeline on the synthetic phantom; returns the metrics written to `out/metrics.json`."
     from lung_tumor_seg.phantom import cached_phantom
+    from lung_tumor_seg.training import config_path
     out, sw = Path(out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     raw, ann, masks, prep, run = (out/p for p in ('raw', 'annotations', 'masks', 'prep', 'run'))

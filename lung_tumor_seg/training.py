@@ -18,8 +18,8 @@ from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'load_config', 'make_loss', 'warmup_cosine', 'patient_dice',
-           'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
+__all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'make_loss', 'warmup_cosine',
+           'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
            'ValidationPanel', 'resolve_precision', 'make_trainer', 'path_safe_globals', 'make_datamodule', 'train',
            'load_checkpoint', 'train_main', 'epoch_minutes']
 
@@ -57,13 +57,23 @@ def _merge(base:dict, update:dict, where:str, path:str='') -> dict:
         out[key] = _merge(base[key], value, where, f"{name}.") if isinstance(base.get(key), dict) and isinstance(value, dict) else value
     return out
 
-def load_config(path:str|Path|None=None, # YAML file of settings that differ from `DEFAULT_CONFIG`
+def config_path(name:str # a configuration shipped with the package: `demo`, `lidc_full` or `task06_full`
+               ) -> Path:
+    "Path of a training configuration shipped in `lung_tumor_seg/configs/`."
+    import lung_tumor_seg
+    path = Path(lung_tumor_seg.__file__).parent/'configs'/f'{name}.yaml'
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob('*.yaml'))
+        raise LungsegError(f"{name}: no such configuration file, nor a packaged configuration ({', '.join(known)})")
+    return path
+
+def load_config(path:str|Path|None=None, # YAML file of settings that differ from `DEFAULT_CONFIG`, or a packaged name ('demo')
                 overrides:dict|None=None # more settings, nested or dotted ({'trainer.max_epochs': 3})
                ) -> dict:
     "The effective training configuration: defaults, then the YAML file, then `overrides`."
     config = copy.deepcopy(DEFAULT_CONFIG)
     if path is not None:
-        path = Path(path)
+        path = Path(path) if Path(path).suffix or Path(path).is_file() else config_path(str(path))
         if not path.is_file(): raise LungsegError(f"{path}: configuration file not found")
         try: loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e: raise LungsegError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
@@ -347,7 +357,7 @@ def _devices(value:str): return int(value) if value.isdigit() else value
 @cli_command
 def train_main(argv:list[str]|None=None) -> int:
     "Train the 2D U-Net on a preprocessed folder."
-    p = argparse.ArgumentParser(prog='lungseg train', description="Train the 2D U-Net on a preprocessed folder (see configs/*.yaml).")
+    p = argparse.ArgumentParser(prog='lungseg train', description="Train the 2D U-Net on a preprocessed folder (configurations: lung_tumor_seg/configs/*.yaml, or give a packaged name such as demo).")
     p.add_argument('--data', required=True, help='preprocessed folder (lungseg preprocess)')
     p.add_argument('--out', required=True, help='run folder: checkpoints/, logs/, config.yaml')
     p.add_argument('--config', help='YAML file of settings that differ from the defaults')

@@ -130,7 +130,7 @@ def test_cli_reports_bad_settings(prep, tmp_path, capsys):
 
 @pytest.mark.parametrize('name', ['demo', 'lidc_full', 'task06_full'])
 def test_committed_configs_load(name):
-    config = load_config(ROOT/'configs'/f'{name}.yaml')
+    config = load_config(ROOT/'lung_tumor_seg'/'configs'/f'{name}.yaml')
     module = SegModule.from_config(config)
     assert checkpoint_settings(module.hparams)['in_channels'] == 1 + 2*config['data']['context_slices']
     assert isinstance(config['optim']['lr'], float)
