@@ -156,7 +156,7 @@ def conv_peak_gflops(batch:int=8, channels:int=64, size:int=128, repeats:int=3, 
 def demo_model(config:str|Path|None=None) -> torch.nn.Module:
     "The untrained `SegModule` of the demo configuration (default `lung_tumor_seg/configs/demo.yaml`), with default preprocessing settings."
     from dataclasses import asdict
-    from lung_tumor_seg.demo import config_path
+    from lung_tumor_seg.training import config_path
     from lung_tumor_seg.preprocessing import PreprocessConfig
     from lung_tumor_seg.training import SegModule, load_config
     settings = asdict(PreprocessConfig()); settings['image_size'] = list(settings['image_size'])
@@ -246,7 +246,7 @@ def bench_prep(n_patients:int=4, seed:int=0) -> Path:
 
 def loader_images_per_s(prep_dir:Path, batches:int=20, repeats:int=3, config:str|Path|None=None) -> tuple:
     "`(images/s, Timing, batch size, workers)` of the training DataLoader of the demo configuration's DataModule."
-    from lung_tumor_seg.demo import config_path
+    from lung_tumor_seg.training import config_path
     from lung_tumor_seg.training import load_config, make_datamodule
     dm = make_datamodule(prep_dir, load_config(config or config_path('demo')))
     dm.setup('fit')
@@ -303,7 +303,7 @@ def bench_demo(demo:dict, out:Path, metrics_file:Path|None=None) -> list:
     if demo.get('max_epochs'): argv += ['--max-epochs', str(demo['max_epochs'])]
     if demo.get('limit_train_batches'):
         import yaml
-        from lung_tumor_seg.demo import config_path
+        from lung_tumor_seg.training import config_path
         cfg = yaml.safe_load(config_path('demo').read_text())
         cfg['trainer']['limit_train_batches'] = demo['limit_train_batches']
         out.mkdir(parents=True, exist_ok=True)
