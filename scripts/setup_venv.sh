@@ -20,8 +20,13 @@ if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
     $pip install -q torch
   else
     echo "setup: no GPU found, installing a CPU build of torch"
-    $pip install -q --no-index torch==2.13.0 2>/dev/null \
-      || $pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # A CPU wheel that pip finds locally (its find-links) is taken first, then its dependencies from the index;
+    # elsewhere the CPU build comes from the PyTorch CPU index, its dependencies from PyPI.
+    if $pip install -q --no-deps --no-index torch==2.13.0 2>/dev/null; then
+      $pip install -q torch==2.13.0
+    else
+      $pip install -q torch --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    fi
   fi
 fi
 $pip install -q -e ".[dev]"
