@@ -8,7 +8,6 @@ import copy, json, os, re, sys, argparse
 import xml.etree.ElementTree as ET
 from pathlib import Path
 import numpy as np
-import pydicom
 from .core import (LungsegError, DicomSeries, atomic_path, run_each, cli_command, read_series,
                                  sample_dir, SAMPLE_HINT)
 
