@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/lungseg demo --out $(DEMO_OUT)
 
 test: $(STAMP)
+	bash scripts/setup_browser.sh
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/run_tests.sh
 
 nbtest: $(STAMP)
@@ -28,8 +29,9 @@ export: $(STAMP)
 clean-nbs: $(STAMP)
 	$(BIN)/nbdev_clean
 
+# The site from the notebooks into _docs/, offline (Quarto renders it where `quarto` is on PATH).
 docs: $(STAMP)
-	$(BIN)/nbdev_docs
+	$(BIN)/python scripts/build_docs.py
 
 bench: $(STAMP)
 	$(BIN)/lungseg bench --quick --json outputs/bench.json
