@@ -224,8 +224,9 @@ class Renderer:
         env = {}
         tokens = self.md.parse(text, env)
         for tok in tokens:
-            if tok.type == 'fence':
-                tok.type = 'html_block'; tok.content = self.highlight(tok.content.rstrip('\n'), tok.info.strip() or 'text') + '\n'
+            if tok.type == 'fence':  # nbdev links names even inside signatures: back to plain `name` there
+                code = re.sub(r'\[(`[^`\]]+`)\]\([^)\s]+\)', r'\1', tok.content.rstrip('\n'))
+                tok.type = 'html_block'; tok.content = self.highlight(code, tok.info.strip() or 'text') + '\n'
         return self.md.renderer.render(tokens, self.md.options, env)
 
     def figure(self, data:str, ext:str, stem:str, n:int) -> str:
