@@ -149,7 +149,7 @@ def _inplane(shape_yx, spacing_mm, cfg, lungs, mask_zyx):
         _, yy, xx = np.nonzero(mask_zyx)
         y0, y1, x0, x1 = yy.min() * ry // y, (yy.max() + 1) * ry // y + 1, xx.min() * rx // x, (xx.max() + 1) * rx // x + 1
         oy, ox = min(max(oy, y1 - h), y0), min(max(ox, x1 - w), x0)
-    return [ry, rx], [oy, ox]
+    return [int(ry), int(rx)], [int(oy), int(ox)]
 
 def preprocess_volume(hu_zyx:np.ndarray,   # HU volume (z, y, x)
                       spacing_mm:tuple,    # (dz, dy, dx)

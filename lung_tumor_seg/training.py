@@ -20,14 +20,14 @@ from .unet import UNet
 # %% auto #0
 __all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'make_loss', 'warmup_cosine',
            'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
-           'ValidationPanel', 'resolve_precision', 'make_trainer', 'path_safe_globals', 'make_datamodule', 'train',
-           'load_checkpoint', 'train_main', 'epoch_minutes']
+           'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision', 'make_trainer', 'path_safe_globals',
+           'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
 
 # %% ../nbs/08_training.ipynb #605f76ba
 DEFAULT_CONFIG = {
     'seed': 0,
     'threads': None,                        # torch intra-op threads during training (None: torch's default, one per core)
-    'model': dict(base_width=16, depth=4, bilinear=True, dropout=0.1, prior=0.01),
+    'model': dict(base_width=16, depth=4, bilinear=True, dropout=0.1, prior=0.01, channels_last=False),
     'loss': dict(name='dice_focal'),        # bce | dice | focal | dice_focal | tversky, plus that loss's options
     'optim': dict(lr=2e-3, weight_decay=1e-4,
                   warmup_steps=50,          # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
@@ -38,7 +38,7 @@ DEFAULT_CONFIG = {
     'val': dict(chunk_slices=32,            # slices per forward pass when predicting a validation volume
                 threshold=0.5),             # probability above which a voxel is tumour
     'trainer': dict(max_epochs=20, limit_train_batches=None, accelerator='auto', devices='auto', strategy='auto', num_nodes=1,
-                    precision='auto',       # auto: bf16-mixed on a CUDA GPU that supports it, else 32-true
+                    precision='auto',       # auto: bf16-mixed where the GPU or CPU computes bf16 natively, else 32-true
                     gradient_clip_val=1.0, log_every_n_steps=10, num_sanity_val_steps=1, check_val_every_n_epoch=1,
                     deterministic='auto',   # auto: deterministic on CPU, fast kernels on GPU
                     progress_bar=True, model_summary=True),
@@ -262,12 +262,20 @@ class ValidationPanel(Callback):
         with atomic_path(self.png_path, '.png') as tmp: fig.savefig(tmp, dpi=60)
 
 # %% ../nbs/08_training.ipynb #429e8f2d
-def resolve_precision(precision:str='auto', accelerator:str='auto') -> str:
-    "Lightning precision: `auto` gives 'bf16-mixed' on a bf16-capable CUDA GPU, else '32-true'."
-    if precision != 'auto': return str(precision)
-    gpu = accelerator in ('auto', 'gpu', 'cuda') and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return 'bf16-mixed' if gpu else '32-true'
+def cpu_bf16_supported() -> bool:
+    "Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast runs faster than fp32."
+    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError: return False   # torch builds without these probes: assume no native bf16
 
+# %% ../nbs/08_training.ipynb #8326f864
+def resolve_precision(precision:str='auto', accelerator:str='auto') -> str:
+    "Lightning precision: `auto` gives 'bf16-mixed' where the device computes bf16 natively (CUDA GPU or CPU), else '32-true'."
+    if precision != 'auto': return str(precision)
+    gpu = accelerator in ('auto', 'gpu', 'cuda') and torch.cuda.is_available()
+    if gpu: return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '32-true'
+    return 'bf16-mixed' if accelerator in ('auto', 'cpu') and cpu_bf16_supported() else '32-true'
+
+# %% ../nbs/08_training.ipynb #c2731503
 def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:
     "A Lightning `Trainer` with checkpoints, early stopping, loggers, LR monitor and validation panel under `run_dir`."
     t, run_dir = config['trainer'], Path(run_dir)
