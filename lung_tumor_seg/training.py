@@ -120,19 +120,21 @@ def patient_dice(pred:torch.Tensor, truth:torch.Tensor) -> float:
 # %% ../nbs/08_training.ipynb #43635cc8
 def crop_batch(image:torch.Tensor,    # (B, C, H, W)
                mask:torch.Tensor,     # (B, 1, H, W) 0/1
-               size:int|None) -> tuple:
-    "Square crops of `size` pixels of each slice, around a random tumour pixel when there is one (None: unchanged)."
+               size:int|None,
+               margin:int|None=None) -> tuple: # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
+    "Square crops of `size` pixels of each slice, holding a random tumour pixel at a random place when there is one (None: unchanged)."
     B, _, H, W = image.shape
     if size is None or size >= min(H, W): return image, mask
+    margin = min(size//8 if margin is None else int(margin), (size - 1)//2)
     corners = []
     for b in range(B):
         ys, xs = torch.nonzero(mask[b, 0] > 0.5, as_tuple=True)
-        if len(ys):
+        if len(ys):   # the tumour pixel lands anywhere in the crop but the margin: no "nodules sit in the middle" shortcut
             k = int(torch.randint(len(ys), (1,)))
-            jitter = torch.randint(-(size//4), size//4 + 1, (2,))
-            cy, cx = int(ys[k]) + int(jitter[0]), int(xs[k]) + int(jitter[1])
-        else: cy, cx = int(torch.randint(H, (1,))), int(torch.randint(W, (1,)))
-        corners.append((min(max(cy - size//2, 0), H - size), min(max(cx - size//2, 0), W - size)))
+            place = torch.randint(margin, size - margin, (2,))
+            y, x = int(ys[k]) - int(place[0]), int(xs[k]) - int(place[1])
+        else: y, x = int(torch.randint(H - size + 1, (1,))), int(torch.randint(W - size + 1, (1,)))
+        corners.append((min(max(y, 0), H - size), min(max(x, 0), W - size)))
     crop = lambda t: torch.stack([t[b, :, y:y+size, x:x+size] for b, (y, x) in enumerate(corners)])
     return crop(image), crop(mask)
 
