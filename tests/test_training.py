@@ -135,15 +135,19 @@ def test_committed_configs_load(name):
     assert checkpoint_settings(module.hparams)['in_channels'] == 1 + 2*config['data']['context_slices']
     assert isinstance(config['optim']['lr'], float)
 
-def test_losses_and_precision():
+def test_losses_and_precision(monkeypatch):
     target = torch.zeros(2, 1, 16, 16); target[0, :, 4:8, 4:8] = 1
     for name in LOSSES:
         logits = torch.zeros_like(target, requires_grad=True)
         loss = make_loss(name)(logits, target)
         loss.backward()
         assert torch.isfinite(loss) and logits.grad.abs().sum() > 0, name
-    assert resolve_precision('auto', 'cpu') == '32-true'
     assert resolve_precision('16-mixed', 'cpu') == '16-mixed'
+    import lung_tumor_seg.training as training
+    monkeypatch.setattr(training, 'cpu_bf16_supported', lambda: False)   # a CPU without native bf16: fp32
+    assert resolve_precision('auto', 'cpu') == '32-true'
+    monkeypatch.setattr(training, 'cpu_bf16_supported', lambda: True)    # AVX512-BF16 or AMX: bf16 autocast
+    assert resolve_precision('auto', 'cpu') == 'bf16-mixed'
 
 def test_two_process_ddp_on_cpu(prep, tmp_path):
     "Two processes (gloo) train one short epoch; validation patients are split between them and gathered."
