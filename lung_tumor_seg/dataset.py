@@ -14,9 +14,9 @@ from .core import LungsegError
 from .preprocessing import PreprocessConfig, preprocess, lidc_cases, task06_cases
 
 # %% auto #0
-__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'train_augmentation', 'SliceDataset', 'slice_weights',
-           'expected_tumor_fraction', 'make_sampler', 'PatientVolumes', 'default_workers', 'seed_worker',
-           'LungDataModule']
+__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'train_augmentation', 'crop_corner', 'SliceDataset',
+           'slice_weights', 'expected_tumor_fraction', 'make_sampler', 'PatientVolumes', 'default_workers',
+           'seed_worker', 'LungDataModule']
 
 # %% ../nbs/06_dataset.ipynb #faf93692
 def read_split(prep_dir:str|Path) -> dict:
@@ -54,10 +54,27 @@ def train_augmentation(rotate_deg:float=15,     # random rotation in ±degrees
     return A.Compose(steps, seed=seed)
 
 # %% ../nbs/06_dataset.ipynb #c456001f
+def crop_corner(tumour_yx:np.ndarray,  # (n, 2) rows and columns of the slice's tumour pixels (n may be 0)
+                shape_yx:tuple,        # (H, W) of the slice
+                size:int,              # crop side in pixels (at most min(H, W))
+                margin:int|None=None   # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
+               ) -> tuple:
+    "Top-left `(row, column)` of a `size` crop holding a random tumour pixel at a random place (anywhere without tumour)."
+    H, W = shape_yx
+    margin = min(size//8 if margin is None else int(margin), (size - 1)//2)
+    if len(tumour_yx):
+        ty, tx = (int(v) for v in tumour_yx[int(torch.randint(len(tumour_yx), (1,)))])
+        place = torch.randint(margin, size - margin, (2,))
+        y, x = ty - int(place[0]), tx - int(place[1])
+    else: y, x = int(torch.randint(H - size + 1, (1,))), int(torch.randint(W - size + 1, (1,)))
+    return min(max(y, 0), H - size), min(max(x, 0), W - size)
+
+# %% ../nbs/06_dataset.ipynb #fb1a114a
 class SliceDataset(Dataset):
     "Slices of some patients of a preprocessed folder: dict(image (C, H, W) float, mask (1, H, W) float, patient, slice)."
-    def __init__(self, prep_dir:str|Path, patients:list, context_slices:int=0, transform=None):
-        self.prep_dir, self.k, self.transform = Path(prep_dir), int(context_slices), transform
+    def __init__(self, prep_dir:str|Path, patients:list, context_slices:int=0, transform=None,
+                 crop_size:int|None=None):  # serve crop_size x crop_size crops (see `crop_corner`); None: whole slices
+        self.prep_dir, self.k, self.transform, self.crop_size = Path(prep_dir), int(context_slices), transform, crop_size
         self.index = read_index(prep_dir, patients)
         missing = set(patients) - set(self.index.patient)
         if missing: raise LungsegError(f"{self.prep_dir/'slices.csv'}: no slices for patient(s) {', '.join(sorted(missing))}")
@@ -74,11 +91,19 @@ class SliceDataset(Dataset):
     def __getitem__(self, i):
         patient, s = self.patients[i], int(self.slices[i])
         image, mask = self.arrays(patient)
-        x = image[context_indices(len(image), s, self.k)].astype(np.float32)   # (C, H, W)
-        y = np.asarray(mask[s])
+        (H, W), size = image.shape[1:], self.crop_size
+        rows, cols, cut = slice(0, H), slice(0, W), None
+        if size and size < min(H, W):   # read only a window around the crop, with room for the augmentation's rotation and zoom
+            y0, x0 = crop_corner(np.argwhere(np.asarray(mask[s]) > 0), (H, W), size)
+            pad = size//4 if self.transform is not None else 0
+            rows, cols = slice(max(y0 - pad, 0), min(y0 + size + pad, H)), slice(max(x0 - pad, 0), min(x0 + size + pad, W))
+            cut = (slice(y0 - rows.start, y0 - rows.start + size), slice(x0 - cols.start, x0 - cols.start + size))
+        x = image[context_indices(len(image), s, self.k), rows, cols].astype(np.float32)   # (C, h, w)
+        y = np.asarray(mask[s, rows, cols])
         if self.transform is not None:
             out = self.transform(image=np.ascontiguousarray(x.transpose(1, 2, 0)), mask=y)
             x, y = np.clip(out['image'], 0, 1).transpose(2, 0, 1), out['mask']
+        if cut is not None: x, y = x[:, cut[0], cut[1]], y[cut[0], cut[1]]
         return dict(image=torch.from_numpy(np.ascontiguousarray(x)), mask=torch.from_numpy(y[None].astype(np.float32)),
                     patient=patient, slice=s)
 
@@ -161,6 +186,7 @@ class LungDataModule(L.LightningDataModule):
                  flips:bool=False,                # add flips to the augmentation
                  source:dict|None=None,           # dict(nifti=...) or dict(dicom=..., masks=...): preprocess in prepare_data
                  preprocess_settings:dict|None=None, # PreprocessConfig fields used with `source`
+                 crop_size:int|None=None,         # train on crops of this size (see `crop_corner`); None: whole slices
                  seed:int=0):
         super().__init__()
         self.save_hyperparameters()
@@ -186,7 +212,7 @@ class LungDataModule(L.LightningDataModule):
         split, hp = read_split(self.prep_dir), self.hparams
         if stage in (None, 'fit') and not split['train']: raise LungsegError(f"{self.prep_dir/'split.json'}: no training patient")
         transform = train_augmentation(flips=hp.flips, seed=hp.seed) if hp.augment else None
-        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform)
+        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size)
 
     def _loader(self, dataset, **kw):
         n = self.num_workers

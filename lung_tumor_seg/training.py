@@ -122,19 +122,11 @@ def crop_batch(image:torch.Tensor,    # (B, C, H, W)
                mask:torch.Tensor,     # (B, 1, H, W) 0/1
                size:int|None,
                margin:int|None=None) -> tuple: # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
-    "Square crops of `size` pixels of each slice, holding a random tumour pixel at a random place when there is one (None: unchanged)."
+    "Square crops of `size` pixels of each slice, placed by `crop_corner` (None, or slices already that small: unchanged)."
     B, _, H, W = image.shape
     if size is None or size >= min(H, W): return image, mask
-    margin = min(size//8 if margin is None else int(margin), (size - 1)//2)
-    corners = []
-    for b in range(B):
-        ys, xs = torch.nonzero(mask[b, 0] > 0.5, as_tuple=True)
-        if len(ys):   # the tumour pixel lands anywhere in the crop but the margin: no "nodules sit in the middle" shortcut
-            k = int(torch.randint(len(ys), (1,)))
-            place = torch.randint(margin, size - margin, (2,))
-            y, x = int(ys[k]) - int(place[0]), int(xs[k]) - int(place[1])
-        else: y, x = int(torch.randint(H - size + 1, (1,))), int(torch.randint(W - size + 1, (1,)))
-        corners.append((min(max(y, 0), H - size), min(max(x, 0), W - size)))
+    from lung_tumor_seg.dataset import crop_corner
+    corners = [crop_corner(torch.nonzero(mask[b, 0] > 0.5).cpu().numpy(), (H, W), size, margin) for b in range(B)]
     crop = lambda t: torch.stack([t[b, :, y:y+size, x:x+size] for b, (y, x) in enumerate(corners)])
     return crop(image), crop(mask)
 
@@ -306,9 +298,9 @@ def path_safe_globals():
     return torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath])
 
 def make_datamodule(prep_dir:str|Path, config:dict) -> L.LightningDataModule:
-    "The `LungDataModule` of `prep_dir` with the `data` section of `config`."
+    "The `LungDataModule` of `prep_dir` with the `data` section of `config`; it serves `train.crop_size` crops."
     from lung_tumor_seg.dataset import LungDataModule
-    return LungDataModule(prep_dir, seed=config['seed'], **config['data'])
+    return LungDataModule(prep_dir, seed=config['seed'], crop_size=config['train']['crop_size'], **config['data'])
 
 def train(prep_dir:str|Path,               # preprocessed folder (`lungseg preprocess`)
           out_dir:str|Path,                # run folder: checkpoints/, logs/, config.yaml, val_panel.png
