@@ -120,13 +120,12 @@ def patient_dice(pred:torch.Tensor, truth:torch.Tensor) -> float:
 # %% ../nbs/08_training.ipynb #43635cc8
 def crop_batch(image:torch.Tensor,    # (B, C, H, W)
                mask:torch.Tensor,     # (B, 1, H, W) 0/1
-               size:int|None,
-               margin:int|None=None) -> tuple: # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
+               size:int|None) -> tuple:
     "Square crops of `size` pixels of each slice, placed by `crop_corner` (None, or slices already that small: unchanged)."
     B, _, H, W = image.shape
     if size is None or size >= min(H, W): return image, mask
     from lung_tumor_seg.dataset import crop_corner
-    corners = [crop_corner(torch.nonzero(mask[b, 0] > 0.5).cpu().numpy(), (H, W), size, margin) for b in range(B)]
+    corners = [crop_corner(torch.nonzero(mask[b, 0] > 0.5).cpu().numpy(), (H, W), size) for b in range(B)]
     crop = lambda t: torch.stack([t[b, :, y:y+size, x:x+size] for b, (y, x) in enumerate(corners)])
     return crop(image), crop(mask)
 
