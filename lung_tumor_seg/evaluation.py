@@ -359,7 +359,7 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
     settings = read_preprocess_settings(prep_dir)
     model = load_checkpoint(checkpoint, expect=dict(image_size=settings.get('image_size'), window=settings.get('window')))
     threshold = float(threshold if threshold is not None else model.val_cfg['threshold'])
-    volumes = PatientVolumes(prep_dir, split, context_slices=int(model.hparams.get('context_slices', 0)))
+    volumes = PatientVolumes(prep_dir, split, int(model.hparams.get('context_slices', 0)), model.hparams.get('context_mm'))
     if len(volumes) == 0: raise LungsegError(f"{Path(prep_dir)/'split.json'}: split {split!r} has no patients")
     if grid not in ('stored', 'original'): raise LungsegError(f"unknown grid {grid!r}: choose stored or original")
     def _one(i):

@@ -14,7 +14,7 @@ from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, a
 from .evaluation import predict_probabilities, label_components
 from .volumes import LPS_AXES, to_lps_grid
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
-from .dataset import context_indices
+from .dataset import context_indices, context_step, read_context
 
 # %% auto #0
 __all__ = ['CHEST_CT_SPACING_MM', 'InputVolume', 'read_volume', 'check_spacing', 'remove_small_components', 'write_dicom_seg',
@@ -190,17 +190,18 @@ def save_animation(frames:list, path:str|Path, ms_per_frame:int=150) -> Path:
 
 # %% ../nbs/10_inference.ipynb #e4fbb6db
 def model_settings(model:torch.nn.Module) -> tuple:
-    "The preprocessing settings and context slices a trained model expects (from its saved hyperparameters)."
+    "The preprocessing settings, context slices and context spacing (mm or None) a trained model expects (from its saved hyperparameters)."
     hp = dict(getattr(model, 'hparams', {}) or {})
     prep = hp.get('preprocess')
     if prep is None: raise LungsegError("the model carries no preprocessing settings (hparams['preprocess']): not a lung_tumor_seg checkpoint?")
-    return PreprocessConfig.from_dict(dict(prep)), int(hp.get('context_slices', 0))
+    return PreprocessConfig.from_dict(dict(prep)), int(hp.get('context_slices', 0)), hp.get('context_mm')
 
 def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> logits, e.g. a `SegModule`
                    hu_zyx:np.ndarray,         # HU volume (z, y, x) on the L, P, S grid
                    spacing_mm:tuple,          # (dz, dy, dx) in mm
                    preprocess:PreprocessConfig|dict|None=None, # default: the model's own settings
                    context_slices:int|None=None, # default: the model's own
+                   context_mm:float|None=None, # with `context_slices`: neighbours this far apart in z (None: adjacent slices)
                    batch_size:int=16,         # slices per forward pass
                    tta:bool=False,            # flip test-time augmentation
                    threshold:float=0.5,       # probability threshold of the mask
@@ -208,11 +209,12 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
                   ) -> tuple:
     "Binary mask uint8 and tumour probability float32, both `(z, y, x)` on the grid of `hu_zyx`."
     if preprocess is None or context_slices is None:
-        cfg, k = model_settings(model)
-        preprocess, context_slices = preprocess if preprocess is not None else cfg, k if context_slices is None else context_slices
+        cfg, k, mm = model_settings(model)
+        preprocess = preprocess if preprocess is not None else cfg
+        if context_slices is None: context_slices, context_mm = k, mm
     image, meta = preprocess_volume(hu_zyx, spacing_mm, preprocess)
-    n = len(image)
-    stack = image[np.stack([context_indices(n, s, context_slices) for s in range(n)])]   # (z, C, H, W)
+    n, step = len(image), context_step(context_mm, meta['stored_spacing_mm'][0])
+    stack = np.stack([read_context(image, context_indices(n, s, context_slices, step)) for s in range(n)])   # (z, C, H, W)
     expected = getattr(model, 'in_channels', None) or getattr(getattr(model, 'net', None), 'in_channels', None)
     if expected is not None and expected != stack.shape[1]:
         raise LungsegError(f"model expects {expected} input channels, the input gives {stack.shape[1]} (context_slices={context_slices})")

