@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, os
 from pathlib import Path
 import numpy as np, pandas as pd, cv2, torch
+from scipy import ndimage
 import albumentations as A
 import lightning as L
 from torch.utils.data import Dataset, DataLoader, WeightedRandomSampler
@@ -81,12 +82,16 @@ def train_augmentation(rotate_deg:float=15,     # random rotation in ±degrees
 def crop_corner(tumour_yx:np.ndarray,  # (n, 2) rows and columns of the slice's tumour pixels (n may be 0)
                 shape_yx:tuple,        # (H, W) of the slice
                 size:int,              # crop side in pixels (at most min(H, W))
-                margin:int|None=None   # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
+                margin:int|None=None,  # least distance of the chosen tumour pixel from the crop's edge (None: size//8)
+                groups:np.ndarray|None=None # (n,) nodule section of each tumour pixel: a section is drawn first, each as likely
                ) -> tuple:
     "Top-left `(row, column)` of a `size` crop holding a random tumour pixel at a random place (anywhere without tumour)."
     H, W = shape_yx
     margin = min(size//8 if margin is None else int(margin), (size - 1)//2)
     if len(tumour_yx):
+        if groups is not None:
+            sections = np.unique(groups)
+            tumour_yx = tumour_yx[groups == sections[int(torch.randint(len(sections), (1,)))]]
         ty, tx = (int(v) for v in tumour_yx[int(torch.randint(len(tumour_yx), (1,)))])
         place = torch.randint(margin, size - margin, (2,))
         y, x = ty - int(place[0]), tx - int(place[1])
@@ -114,6 +119,16 @@ class SliceDataset(Dataset):
             step = context_step(self.context_mm, _slice_mm(folder)) if self.context_mm else 1.0
             self._arrays[patient] = (np.load(folder/'image.npy', mmap_mode='r'), np.load(folder/'mask.npy', mmap_mode='r'), step)
         return self._arrays[patient]
+    def nodule_share(self) -> np.ndarray:
+        "Per slice of the index: the sum over the nodules (3D components) it cuts of one over the number of slices each spans."
+        share = np.zeros(len(self.slices))
+        for patient in np.unique(self.patients):
+            labels, _ = ndimage.label(np.asarray(self.arrays(patient)[1]) > 0)
+            per_slice = np.zeros(len(labels))
+            for box in ndimage.find_objects(labels): per_slice[box[0]] += 1/(box[0].stop - box[0].start)
+            rows = self.patients == patient
+            share[rows] = per_slice[self.slices[rows]]
+        return share
     def __len__(self): return len(self.slices)
     def __getitem__(self, i):
         patient, s = self.patients[i], int(self.slices[i])
@@ -121,7 +136,9 @@ class SliceDataset(Dataset):
         (H, W), size = image.shape[1:], self.crop_size
         rows, cols, cut = slice(0, H), slice(0, W), None
         if size and size < min(H, W):   # read only a window around the crop, with room for the augmentation's rotation and zoom
-            y0, x0 = crop_corner(np.argwhere(np.asarray(mask[s]) > 0), (H, W), size)
+            _, sections = cv2.connectedComponents((np.asarray(mask[s]) > 0).astype(np.uint8), connectivity=8)
+            yx = np.argwhere(sections > 0)
+            y0, x0 = crop_corner(yx, (H, W), size, groups=sections[yx[:, 0], yx[:, 1]])
             pad = size//4 if self.transform is not None else 0
             rows, cols = slice(max(y0 - pad, 0), min(y0 + size + pad, H)), slice(max(x0 - pad, 0), min(x0 + size + pad, W))
             cut = (slice(y0 - rows.start, y0 - rows.start + size), slice(x0 - cols.start, x0 - cols.start + size))
@@ -135,12 +152,13 @@ class SliceDataset(Dataset):
                     patient=patient, slice=s)
 
 # %% ../nbs/06_dataset.ipynb #c3437cfb
-SAMPLER_RULES = ('inverse_frequency', 'oversample', 'none')
+SAMPLER_RULES = ('inverse_frequency', 'nodule_balanced', 'oversample', 'none')
 
 # %% ../nbs/06_dataset.ipynb #ea2a8b2c
 def slice_weights(tumor_pixels:np.ndarray,  # tumour pixels per slice (from slices.csv)
                   rule:str='inverse_frequency', # one of SAMPLER_RULES
-                  factor:float=4.0          # tumour-slice weight multiplier of the 'oversample' rule
+                  factor:float=4.0,         # tumour-slice weight multiplier of the 'oversample' rule
+                  nodule_share:np.ndarray|None=None # per slice, sum over its nodules of 1/(slices of that nodule) ('nodule_balanced')
                  ) -> np.ndarray:
     "Sampling weight of every slice."
     if rule not in SAMPLER_RULES: raise LungsegError(f"unknown sampler {rule!r}: choose one of {', '.join(SAMPLER_RULES)}")
@@ -148,6 +166,10 @@ def slice_weights(tumor_pixels:np.ndarray,  # tumour pixels per slice (from slic
     n_tumor, n_other = int(tumor.sum()), int((~tumor).sum())
     if rule == 'none' or n_tumor == 0 or n_other == 0: return np.ones(len(tumor))
     if rule == 'oversample': return np.where(tumor, float(factor), 1.0)
+    if rule == 'nodule_balanced':
+        if nodule_share is None: raise LungsegError("the 'nodule_balanced' sampler needs each slice's nodule share (`SliceDataset.nodule_share`)")
+        share = np.where(tumor, np.asarray(nodule_share, float), 0.0)
+        return np.where(tumor, share / max(share.sum(), 1e-12), 1.0 / n_other)
     return np.where(tumor, 1.0 / n_tumor, 1.0 / n_other)
 
 # %% ../nbs/06_dataset.ipynb #979562d7
@@ -158,10 +180,11 @@ def expected_tumor_fraction(weights:np.ndarray, tumor_pixels:np.ndarray) -> floa
 
 # %% ../nbs/06_dataset.ipynb #b36a51ac
 def make_sampler(tumor_pixels:np.ndarray, rule:str='inverse_frequency', factor:float=4.0,
-                 batch_size:int=16, num_samples:int|None=None, seed:int=0, verbose:bool=True):
+                 batch_size:int=16, num_samples:int|None=None, seed:int=0, verbose:bool=True,
+                 nodule_share:np.ndarray|None=None): # for the 'nodule_balanced' rule
     "A `WeightedRandomSampler` over the slices (None for the 'none' rule), printing the expected tumour share per batch."
     tp = np.asarray(tumor_pixels)
-    w = slice_weights(tp, rule, factor)
+    w = slice_weights(tp, rule, factor, nodule_share)
     if verbose:
         n_tumor, share = int((tp > 0).sum()), expected_tumor_fraction(w, tp)
         print(f"sampler {rule}: {len(tp)} slices, {n_tumor} with tumour ({n_tumor/max(1, len(tp)):.1%}); "
@@ -250,7 +273,8 @@ class LungDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        sampler = make_sampler(self.train_set.tumor_pixels, hp.sampler, hp.oversample_factor, hp.batch_size, seed=hp.seed)
+        share = self.train_set.nodule_share() if hp.sampler == 'nodule_balanced' else None
+        sampler = make_sampler(self.train_set.tumor_pixels, hp.sampler, hp.oversample_factor, hp.batch_size, seed=hp.seed, nodule_share=share)
         return self._loader(self.train_set, batch_size=hp.batch_size, sampler=sampler, shuffle=sampler is None,
                             drop_last=len(self.train_set) > hp.batch_size)
 

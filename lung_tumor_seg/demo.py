@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from .core import LungsegError, cli_command, atomic_path, data_dir, project_root
 
 # %% auto #0
-__all__ = ['DEMO_PREPROCESS', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
+__all__ = ['DEMO_PATIENTS', 'DEMO_PREPROCESS', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
 
 # %% ../nbs/11_demo.ipynb #acc23aa5
 class Stopwatch:
@@ -68,12 +68,13 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
     return out/'report.md'
 
 # %% ../nbs/11_demo.ipynb #635e8f32
-DEMO_PREPROCESS = ['--size', 320, '--pixel-mm', 0.8,   # `lungseg preprocess` options of the demo
-                   '--split', 0.8, 0.1, 0.1]            # 96 patients: 76 train, 10 validation, 10 test
+DEMO_PATIENTS = 160                                          # synthetic phantom patients of `make demo`
+DEMO_PREPROCESS = ['--size', 272, 416, '--pixel-mm', 0.8,   # `lungseg preprocess` options of the demo
+                   '--split', 0.8, 0.1, 0.1]                 # 160 patients: 128 train, 16 validation, 16 test
 
 # %% ../nbs/11_demo.ipynb #d5c4f8ae
 def run_demo(out:str|Path,          # folder for every stage's output and the report
-             n_patients:int=96,     # synthetic phantom patients (train/val/test by patient)
+             n_patients:int=DEMO_PATIENTS, # synthetic phantom patients (train/val/test by patient)
              seed:int=0,            # phantom and split seed
              max_slices:int=48,     # slices per phantom series
              config:str|Path|None=None, # training YAML (default: the packaged demo.yaml)
@@ -125,7 +126,7 @@ def demo_main(argv:list[str]|None=None) -> int:
     "Entry point of `lungseg demo`."
     p = argparse.ArgumentParser(prog='lungseg demo', description='Run the whole chain on the synthetic phantom and write a report with metrics.json.')
     p.add_argument('--out', type=Path, default=Path('outputs/demo'), help='output folder (default: outputs/demo)')
-    p.add_argument('--patients', type=int, default=96, help='synthetic phantom patients (default 96: 76 train, 10 validation, 10 test)')
+    p.add_argument('--patients', type=int, default=DEMO_PATIENTS, help=f'synthetic phantom patients (default {DEMO_PATIENTS}: 80%% train, 10%% validation, 10%% test)')
     p.add_argument('--seed', type=int, default=0, help='phantom and split seed (default 0)')
     p.add_argument('--max-slices', type=int, default=48, help='slices per phantom series (default 48)')
     p.add_argument('--config', type=Path, default=None, help='training YAML (default: the packaged demo.yaml)')
