@@ -51,9 +51,9 @@ def _slice_mm(patient_dir:Path) -> float:
     "Slice spacing of a preprocessed patient's stored grid (from its meta.json)."
     return float(json.loads((Path(patient_dir)/'meta.json').read_text())['stored_spacing_mm'][0])
 
-def read_context(volume:np.ndarray,        # stored slices (z, H, W)
-                   positions:np.ndarray,     # fractional slice positions within [0, z - 1] (from `context_indices`)
-                   rows:slice=slice(None), cols:slice=slice(None)) -> np.ndarray:
+def read_context(volume:np.ndarray,      # stored slices (z, H, W)
+                 positions:np.ndarray,   # fractional slice positions within [0, z - 1] (from `context_indices`)
+                 rows:slice=slice(None), cols:slice=slice(None)) -> np.ndarray:
     "Float32 `(len(positions), h, w)`: the volume at these slice positions, linear between two slices."
     positions = np.asarray(positions, float)
     lo = np.floor(positions).astype(int); w = (positions - lo).astype(np.float32)
