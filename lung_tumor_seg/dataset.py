@@ -15,9 +15,9 @@ from .core import LungsegError
 from .preprocessing import PreprocessConfig, preprocess, lidc_cases, task06_cases
 
 # %% auto #0
-__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'context_step', 'read_context', 'train_augmentation',
-           'crop_corner', 'SliceDataset', 'slice_weights', 'expected_tumor_fraction', 'make_sampler', 'PatientVolumes',
-           'default_workers', 'seed_worker', 'LungDataModule']
+__all__ = ['SAMPLER_RULES', 'read_split', 'read_index', 'context_indices', 'context_step', 'read_context', 'context_stack',
+           'train_augmentation', 'crop_corner', 'SliceDataset', 'slice_weights', 'expected_tumor_fraction',
+           'make_sampler', 'PatientVolumes', 'default_workers', 'seed_worker', 'LungDataModule']
 
 # %% ../nbs/06_dataset.ipynb #faf93692
 def read_split(prep_dir:str|Path) -> dict:
@@ -54,14 +54,22 @@ def _slice_mm(patient_dir:Path) -> float:
 def read_context(volume:np.ndarray,      # stored slices (z, H, W)
                  positions:np.ndarray,   # fractional slice positions within [0, z - 1] (from `context_indices`)
                  rows:slice=slice(None), cols:slice=slice(None)) -> np.ndarray:
-    "Float32 `(len(positions), h, w)`: the volume at these slice positions, linear between two slices."
+    "Float32 `(*positions.shape, h, w)`: the volume at these slice positions, linear between two slices."
     positions = np.asarray(positions, float)
     lo = np.floor(positions).astype(int); w = (positions - lo).astype(np.float32)
     out = volume[lo, rows, cols].astype(np.float32)
     if w.any():
         hi = np.minimum(lo + 1, len(volume) - 1)
-        out += w[:, None, None]*(volume[hi, rows, cols].astype(np.float32) - out)
+        out += w[..., None, None]*(volume[hi, rows, cols].astype(np.float32) - out)
     return out
+
+def context_stack(volume:np.ndarray, # stored slices (z, H, W)
+                  k:int,             # neighbours on each side
+                  step:float=1.0     # slices between neighbours (see `context_step`)
+                 ) -> np.ndarray:
+    "Float32 `(z, 1 + 2k, H, W)`: every slice of the volume with its 2.5D neighbours as channels."
+    n = len(volume)
+    return read_context(volume, np.stack([context_indices(n, s, k, step) for s in range(n)]))
 
 # %% ../nbs/06_dataset.ipynb #f239f8c0
 def train_augmentation(rotate_deg:float=15,     # random rotation in ±degrees
@@ -209,8 +217,7 @@ class PatientVolumes(Dataset):
     def __getitem__(self, i):
         folder = self.prep_dir/'patients'/self.patients[i]
         image, spacing = np.load(folder/'image.npy'), tuple(self.meta(i)['stored_spacing_mm'])
-        n, step = len(image), context_step(self.context_mm, spacing[0])
-        stack = np.stack([read_context(image, context_indices(n, s, self.k, step)) for s in range(n)])   # (z, C, H, W)
+        stack = context_stack(image, self.k, context_step(self.context_mm, spacing[0]))   # (z, C, H, W)
         return dict(patient=self.patients[i], image=torch.from_numpy(stack), mask=torch.from_numpy(np.load(folder/'mask.npy')),
                     spacing_mm=spacing)
 

@@ -14,7 +14,7 @@ from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, a
 from .evaluation import predict_probabilities, label_components
 from .volumes import LPS_AXES, to_lps_grid
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
-from .dataset import context_indices, context_step, read_context
+from .dataset import context_stack, context_step
 
 # %% auto #0
 __all__ = ['CHEST_CT_SPACING_MM', 'InputVolume', 'read_volume', 'check_spacing', 'remove_small_components', 'write_dicom_seg',
@@ -213,8 +213,7 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
         preprocess = preprocess if preprocess is not None else cfg
         if context_slices is None: context_slices, context_mm = k, mm
     image, meta = preprocess_volume(hu_zyx, spacing_mm, preprocess)
-    n, step = len(image), context_step(context_mm, meta['stored_spacing_mm'][0])
-    stack = np.stack([read_context(image, context_indices(n, s, context_slices, step)) for s in range(n)])   # (z, C, H, W)
+    stack = context_stack(image, context_slices, context_step(context_mm, meta['stored_spacing_mm'][0]))   # (z, C, H, W)
     expected = getattr(model, 'in_channels', None) or getattr(getattr(model, 'net', None), 'in_channels', None)
     if expected is not None and expected != stack.shape[1]:
         raise LungsegError(f"model expects {expected} input channels, the input gives {stack.shape[1]} (context_slices={context_slices})")
