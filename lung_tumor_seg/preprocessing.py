@@ -104,26 +104,26 @@ def slab_range(hu_zyx:np.ndarray, spacing_mm:tuple, cfg:PreprocessConfig,
 # %% ../nbs/05_preprocessing.ipynb #155ae9d9
 def resize_slices(vol_zyx:np.ndarray,  # (z, y, x) float32 image or uint8 mask
                   size_hw:tuple,       # output (H, W)
-                  is_mask:bool=False   # nearest neighbour instead of area/linear
+                  is_mask:bool=False   # 0/1 mask: resized as a tumour fraction, then kept where at least one half
                  ) -> np.ndarray:
-    "Resize every slice in-plane with OpenCV (area down / linear up for images, nearest for masks)."
+    "Resize every slice in-plane with OpenCV: area interpolation when shrinking, linear when enlarging."
     h, w = size_hw
     if vol_zyx.shape[1:] == (h, w): return vol_zyx.copy()
     shrink = h <= vol_zyx.shape[1] and w <= vol_zyx.shape[2]
-    interp = cv2.INTER_NEAREST if is_mask else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    out = np.empty((len(vol_zyx), h, w), vol_zyx.dtype)
-    for k, s in enumerate(vol_zyx): out[k] = cv2.resize(s, (w, h), interpolation=interp)
-    return out
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = np.empty((len(vol_zyx), h, w), np.float32 if is_mask else vol_zyx.dtype)
+    for k, s in enumerate(vol_zyx): out[k] = cv2.resize(s.astype(np.float32) if is_mask else s, (w, h), interpolation=interp)
+    return (out >= 0.5).astype(vol_zyx.dtype) if is_mask else out
 
 # %% ../nbs/05_preprocessing.ipynb #1a8cfe77
 def resample_z(vol_zyx:np.ndarray, n_out:int, is_mask:bool=False) -> np.ndarray:
-    "Resample along z to `n_out` slices, slice centres to slice centres (linear, or nearest for masks)."
+    "Resample along z to `n_out` slices, slice centres to slice centres, linearly (a 0/1 mask: kept where at least one half)."
     n = len(vol_zyx)
     if n_out == n: return vol_zyx.copy()
     src = np.clip((np.arange(n_out) + 0.5) * n / n_out - 0.5, 0, n - 1)
-    if is_mask: return vol_zyx[np.rint(src).astype(int)]
     lo = np.floor(src).astype(int); hi = np.minimum(lo + 1, n - 1); t = (src - lo).astype(np.float32)[:, None, None]
-    return (vol_zyx[lo] * (1 - t) + vol_zyx[hi] * t).astype(vol_zyx.dtype)
+    out = vol_zyx[lo] * (1 - t) + vol_zyx[hi] * t
+    return (out >= 0.5).astype(vol_zyx.dtype) if is_mask else out.astype(vol_zyx.dtype)
 
 # %% ../nbs/05_preprocessing.ipynb #6e227033
 def crop_or_pad(vol_zyx:np.ndarray, offset_yx:tuple, size_hw:tuple) -> np.ndarray:
