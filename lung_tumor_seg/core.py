@@ -136,6 +136,9 @@ def cli_command(fn):
             return int(rc or 0)
         except LungsegError as e:
             print(f"lungseg: error: {e}", file=sys.stderr); return 1
+        except OSError as e:   # disk full, permission denied, ...: the file and the system's reason
+            where = f"{e.filename}: " if e.filename else ''
+            print(f"lungseg: error: {where}{e.strerror or e}", file=sys.stderr); return 1
         except KeyboardInterrupt:
             print("lungseg: interrupted", file=sys.stderr); return 130
     return _inner

@@ -268,6 +268,15 @@ def test_failed_patient_is_listed_and_others_kept(tmp_path, monkeypatch):
     assert (tmp_path/truth['patients'][0]['xml']).stat().st_mtime_ns == first          # patient 1 not redone
     assert json.loads((tmp_path/'Task06_Lung'/'dataset.json').read_text())['numTraining'] == 2
 
+def test_full_disk_is_one_line_for_the_command(tmp_path, monkeypatch, capsys):
+    "An OSError escaping a command (a full disk while writing truth.json) is one line naming the file, exit code 1."
+    import lung_tumor_seg.phantom as ph
+    def full(out, *args, **kw): raise OSError(28, 'No space left on device', str(Path(out)/'truth.json'))
+    monkeypatch.setattr(ph, 'make_phantom', full)
+    assert main(['phantom', '--out', str(tmp_path/'ph'), '--patients', '2']) == 1
+    err = capsys.readouterr().err
+    assert err == f"lungseg: error: {tmp_path/'ph'/'truth.json'}: No space left on device\n"
+
 def test_incomplete_patient_is_redone(tmp_path):
     "A patient missing one of its files (an interrupted run) is written again; finished ones are left alone."
     make_phantom(tmp_path, n_patients=2, seed=0, max_slices=12)
