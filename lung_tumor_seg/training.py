@@ -13,22 +13,23 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from monai.losses import DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
+from monai.losses import DiceCELoss, DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
 from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'make_loss', 'warmup_cosine',
-           'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
-           'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision', 'make_trainer', 'path_safe_globals',
-           'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
+__all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss', 'make_loss',
+           'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings',
+           'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision',
+           'make_trainer', 'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main',
+           'epoch_minutes']
 
 # %% ../nbs/08_training.ipynb #605f76ba
 DEFAULT_CONFIG = {
     'seed': 0,
     'threads': None,                        # torch intra-op threads during training (None: torch's default, one per core)
     'model': dict(base_width=16, depth=4, bilinear=True, dropout=0.1, prior=0.01, channels_last=False),
-    'loss': dict(name='dice_focal'),        # bce | dice | focal | dice_focal | tversky, plus that loss's options
+    'loss': dict(name='dice_focal'),        # bce | dice | focal | dice_focal | dice_bce | crop_dice_focal | crop_dice_bce | tversky, plus options
     'optim': dict(lr=2e-3, weight_decay=1e-4,
                   warmup_steps=50,          # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
                   min_lr_ratio=0.01),       # final lr = lr * min_lr_ratio
@@ -90,11 +91,31 @@ def load_config(path:str|Path|None=None, # YAML file of settings that differ fro
     return _merge(config, nested, 'overrides')
 
 # %% ../nbs/08_training.ipynb #7dcf7ae6
+class CropDiceLoss(nn.Module):
+    "Dice of each crop that holds tumour, averaged over those crops, plus a pixel loss (focal or BCE) over all crops."
+    def __init__(self, pixel:str='focal',   # 'focal' or 'bce'
+                 gamma:float=2.0,           # focal exponent
+                 lambda_dice:float=1.0, lambda_pixel:float=1.0):
+        super().__init__()
+        if pixel not in ('focal', 'bce'): raise TypeError(f"pixel must be 'focal' or 'bce', got {pixel!r}")
+        self.dice = DiceLoss(sigmoid=True, batch=False, reduction='none')
+        self.pixel = FocalLoss(use_softmax=False, gamma=gamma) if pixel == 'focal' else nn.BCEWithLogitsLoss()
+        self.lambda_dice, self.lambda_pixel = lambda_dice, lambda_pixel
+
+    def forward(self, logits:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
+        per_crop, has_tumour = self.dice(logits, target).flatten(), target.flatten(1).amax(1) > 0
+        dice = per_crop[has_tumour].mean() if has_tumour.any() else per_crop.sum()*0
+        return self.lambda_dice*dice + self.lambda_pixel*self.pixel(logits, target)
+
+# %% ../nbs/08_training.ipynb #51ae8481
 LOSSES = {
     'bce':        lambda **kw: nn.BCEWithLogitsLoss(**kw),
     'dice':       lambda **kw: DiceLoss(sigmoid=True, batch=True, **kw),
     'focal':      lambda **kw: FocalLoss(use_softmax=False, **({'gamma': 2.0} | kw)),
     'dice_focal': lambda **kw: DiceFocalLoss(sigmoid=True, batch=True, **({'gamma': 2.0} | kw)),
+    'dice_bce':   lambda **kw: DiceCELoss(sigmoid=True, batch=True, **kw),
+    'crop_dice_focal': lambda **kw: CropDiceLoss('focal', **kw),
+    'crop_dice_bce':   lambda **kw: CropDiceLoss('bce', **kw),
     'tversky':    lambda **kw: TverskyLoss(sigmoid=True, batch=True, **({'alpha': 0.3, 'beta': 0.7} | kw)),  # beta > alpha: misses cost more than false alarms
 }
 
