@@ -62,7 +62,8 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
                   f"Mean per-reader 3D Dice over the same test patients: **{_fmt(m.get('human_mean_reader_dice'))}** "
                   f"(model: {_fmt(m['mean_patient_dice'])}). {m.get('human_reference', '')}.", "",
                   human[cols].to_markdown(index=False, floatfmt='.3f'), ""]
-    lines += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()] + [""]
+    lines += ["## Stage times (s)", "", f"Machine: {m['machine']}." if m.get('machine') else "", "",
+              "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()] + [""]
     lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).relative_to(out).as_posix()})" for f in figures if Path(f).exists()]
     with atomic_path(out/'report.md', '.md') as tmp: tmp.write_text('\n'.join(lines) + '\n')
     return out/'report.md'
@@ -83,7 +84,8 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
             ) -> dict:
     "Run the whole pipeline on the synthetic phantom; returns the metrics written to `out/metrics.json`."
     from lung_tumor_seg.phantom import cached_phantom
-    from lung_tumor_seg.training import config_path
+    from lung_tumor_seg.training import config_path, resolve_precision
+    from lung_tumor_seg.bench import machine_row
     out, sw = Path(out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     raw, ann, masks, prep, run = (out/p for p in ('raw', 'annotations', 'masks', 'prep', 'run'))
@@ -111,7 +113,8 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
                                                     '--out', out/'prediction', '--seg'])
         figures += sorted((out/'prediction').glob('*.gif'))
     metrics = dict(metrics, data='synthetic LIDC-geometry phantom', phantom_patients=n_patients, seed=seed,
-                   stage_seconds=sw.times, demo_wall_s=sw.total,
+                   stage_seconds=sw.times, demo_wall_s=sw.total, machine=machine_row()['notes'],
+                   native_bf16=resolve_precision('auto') == 'bf16-mixed',
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, 1))
     write_report(out, metrics, patients, human, sw.times, figures)
     with atomic_path(out/'metrics.json', '.json') as tmp: tmp.write_text(json.dumps(metrics, indent=1, default=str))
