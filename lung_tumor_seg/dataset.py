@@ -111,9 +111,11 @@ class SliceDataset(Dataset):
     "Slices of some patients of a preprocessed folder: dict(image (C, H, W) float, mask (1, H, W) float, patient, slice)."
     def __init__(self, prep_dir:str|Path, patients:list, context_slices:int=0, transform=None,
                  crop_size:int|None=None,   # serve crop_size x crop_size crops (see `crop_corner`); None: whole slices
-                 context_mm:float|None=None): # neighbours this far apart in z (see `context_step`); None: adjacent slices
+                 context_mm:float|None=None, # neighbours this far apart in z (see `context_step`); None: adjacent slices
+                 context_jitter:float=0.0):  # each draw scales the neighbours' spacing by a random factor in 1 ± this
         self.prep_dir, self.k, self.transform, self.crop_size = Path(prep_dir), int(context_slices), transform, crop_size
-        self.context_mm = context_mm
+        self.context_mm, self.context_jitter = context_mm, float(context_jitter)
+        if not 0 <= self.context_jitter < 1: raise LungsegError(f"context_jitter must be in [0, 1), got {context_jitter}")
         self.index = read_index(prep_dir, patients)
         missing = set(patients) - set(self.index.patient)
         if missing: raise LungsegError(f"{self.prep_dir/'slices.csv'}: no slices for patient(s) {', '.join(sorted(missing))}")
@@ -141,6 +143,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, i):
         patient, s = self.patients[i], int(self.slices[i])
         image, mask, step = self.arrays(patient)
+        if self.context_jitter: step *= 1 + self.context_jitter*float(2*torch.rand(()) - 1)   # nodules and vessels at other z scales
         (H, W), size = image.shape[1:], self.crop_size
         rows, cols, cut = slice(0, H), slice(0, W), None
         if size and size < min(H, W):   # read only a window around the crop, with room for the augmentation's rotation and zoom
@@ -246,6 +249,7 @@ class LungDataModule(L.LightningDataModule):
                  preprocess_settings:dict|None=None, # PreprocessConfig fields used with `source`
                  crop_size:int|None=None,         # train on crops of this size (see `crop_corner`); None: whole slices
                  context_mm:float|None=None,      # 2.5D neighbours this far apart in z (see `context_step`); None: adjacent slices
+                 context_jitter:float=0.0,        # training draws scale the neighbours' spacing by 1 ± this (see `SliceDataset`)
                  seed:int=0):
         super().__init__()
         self.save_hyperparameters()
@@ -271,7 +275,8 @@ class LungDataModule(L.LightningDataModule):
         split, hp = read_split(self.prep_dir), self.hparams
         if stage in (None, 'fit') and not split['train']: raise LungsegError(f"{self.prep_dir/'split.json'}: no training patient")
         transform = train_augmentation(flips=hp.flips, seed=hp.seed) if hp.augment else None
-        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size, hp.context_mm)
+        self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size, hp.context_mm,
+                                     hp.context_jitter if hp.augment else 0.0)
 
     def _loader(self, dataset, **kw):
         n = self.num_workers

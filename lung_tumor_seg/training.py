@@ -10,7 +10,7 @@ import numpy as np, torch, yaml
 from torch import nn
 import torch.nn.functional as F
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from monai.losses import DiceCELoss, DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
@@ -35,8 +35,10 @@ DEFAULT_CONFIG = {
                   min_lr_ratio=0.01),       # final lr = lr * min_lr_ratio
     'data': dict(batch_size=16, context_slices=0, augment=True, sampler='inverse_frequency', num_workers=None,
                  oversample_factor=4.0, flips=False,
-                 context_mm=None),          # 2.5D neighbours this far apart in z, in mm (None: adjacent slices)
-    'train': dict(crop_size=None),          # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
+                 context_mm=None,           # 2.5D neighbours this far apart in z, in mm (None: adjacent slices)
+                 context_jitter=0.0),       # training items scale that spacing by a random factor in 1 ± this
+    'train': dict(crop_size=None,           # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
+                  ema_decay=None),          # validate and checkpoint an exponential moving average of the weights (e.g. 0.99); None: the weights
     'val': dict(chunk_slices=32,            # slices per forward pass when predicting a validation volume
                 threshold=0.5),             # probability above which a voxel is tumour
     'trainer': dict(max_epochs=20, limit_train_batches=None, accelerator='auto', devices='auto', strategy='auto', num_nodes=1,
@@ -303,6 +305,8 @@ def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:
                                  enable_version_counter=False),
                  EarlyStopping(patience=config['early_stopping']['patience'], min_delta=config['early_stopping']['min_delta'], **monitor),
                  LearningRateMonitor(logging_interval='step'), ValidationPanel(run_dir/'val_panel.png')]
+    if config['train'].get('ema_decay'):   # validation, checkpoints and the final weights use the average
+        callbacks.append(EMAWeightAveraging(decay=float(config['train']['ema_decay']), update_starting_at_step=config['optim']['warmup_steps']))
     loggers = [TensorBoardLogger(run_dir/'logs', name='tensorboard', version=''), CSVLogger(run_dir/'logs', name='csv', version='')]
     deterministic = (not torch.cuda.is_available() or t['accelerator'] == 'cpu') if t['deterministic'] == 'auto' else t['deterministic']
     return L.Trainer(accelerator=t['accelerator'], devices=t['devices'], strategy=t['strategy'], num_nodes=t['num_nodes'],

@@ -107,6 +107,18 @@ def test_seeded_runs_are_reproducible(prep, run, tmp_path):
     first, again = (torch.load(r/'checkpoints'/'last.ckpt', weights_only=False)['state_dict'] for r in (run, tmp_path/'again'))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
+def test_ema_checkpoint_holds_the_average_of_the_weights(prep, tmp_path):
+    "With train.ema_decay the checkpoint's weights are the moving average, which lags the trained weights; loading gives the average."
+    run = tmp_path/'ema'
+    assert train_main(['--data', str(prep), '--out', str(run), '--max-epochs', '2', *TINY, '--set', 'train.ema_decay=0.5',
+                       '--set', 'optim.lr=0.05']) == 0
+    ckpt = torch.load(run/'checkpoints'/'last.ckpt', weights_only=False)
+    average, trained = ckpt['state_dict'], ckpt['current_model_state']
+    weights = [k for k in average if k.endswith('.weight')]
+    assert weights and any(not torch.equal(average[k], trained[k]) for k in weights)   # the average is not the last weights
+    loaded = load_checkpoint(run/'checkpoints'/'last.ckpt').state_dict()
+    assert all(torch.equal(loaded[k], average[k]) for k in weights)
+
 def test_bad_checkpoints_are_named_errors(run, tmp_path):
     best = run/'checkpoints'/'best.ckpt'
     with pytest.raises(LungsegError, match=r'checkpoint has image_size=\[64, 64\], expected \[256, 256\]'):
