@@ -14,10 +14,10 @@ from .core import LungsegError, atomic_path, cli_command, sample_dir, SAMPLE_HIN
 
 # %% auto #0
 __all__ = ['CONNECTIVITY_26', 'SIZE_BINS_MM', 'overlap_metrics', 'hausdorff95_mm', 'label_components', 'equivalent_diameter_mm',
-           'size_bin', 'match_nodules', 'detection_summary', 'slice_level_extras', 'evaluate_volume',
-           'summarize_patients', 'predict_probabilities', 'training_curves', 'plot_curves', 'reader_agreement',
-           'reader_masks', 'human_reference', 'summarize_readers', 'plot_model_vs_readers', 'original_truth',
-           'evaluate_run', 'evaluate_main']
+           'size_bin', 'remove_small_components', 'match_nodules', 'detection_summary', 'slice_level_extras',
+           'evaluate_volume', 'summarize_patients', 'predict_probabilities', 'training_curves', 'plot_curves',
+           'reader_agreement', 'reader_masks', 'human_reference', 'summarize_readers', 'plot_model_vs_readers',
+           'original_truth', 'evaluate_run', 'evaluate_main']
 
 # %% ../nbs/09_evaluation.ipynb #86e03dae
 def overlap_metrics(pred:np.ndarray,  # predicted binary mask (z, y, x)
@@ -67,6 +67,19 @@ def equivalent_diameter_mm(n_voxels:int, spacing_mm:tuple) -> float:
 def size_bin(diameter_mm:float) -> str:
     "Name of the size bin of a nodule diameter (`'<3'` below the smallest bin)."
     return next((name for name, (lo, hi) in SIZE_BINS_MM.items() if lo <= diameter_mm < hi), '<3')
+
+# %% ../nbs/09_evaluation.ipynb #b4e67d8b
+def remove_small_components(mask:np.ndarray,      # binary mask (z, y, x)
+                            spacing_mm:tuple,     # (dz, dy, dx) in mm
+                            min_volume_mm3:float  # components smaller than this are removed (0: keep all)
+                           ) -> np.ndarray:
+    "The mask without the connected components smaller than `min_volume_mm3`, uint8."
+    mask = np.asarray(mask, bool)
+    if not min_volume_mm3 or not mask.any(): return mask.astype(np.uint8)
+    labels, n = label_components(mask)
+    volume_mm3 = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing_mm))
+    keep = volume_mm3 >= min_volume_mm3; keep[0] = False
+    return keep[labels].astype(np.uint8)
 
 # %% ../nbs/09_evaluation.ipynb #87accd5b
 def match_nodules(pred:np.ndarray,      # predicted binary mask (z, y, x)
@@ -155,22 +168,26 @@ def summarize_patients(patients:pd.DataFrame, # one row per patient from `evalua
 def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> logits (B, 1, H, W)
                           images:np.ndarray|torch.Tensor,  # preprocessed volume (z, C, H, W)
                           batch_size:int=16,      # slices per forward pass
-                          tta:bool=False          # average with left-right and up-down flipped passes
+                          tta:bool=False,         # average with left-right and up-down flipped passes
+                          precision:str='auto'    # 'bf16-mixed', '32-true', or 'auto': bf16 where the device computes it natively, as in training
                          ) -> np.ndarray:
     "Tumour probability `(z, H, W)` float32 of a preprocessed volume, batched over slices."
+    from lung_tumor_seg.training import resolve_precision
     x = torch.as_tensor(np.asarray(images, np.float32) if isinstance(images, np.ndarray) else images.float())
     if x.ndim != 4: raise LungsegError(f"expected a preprocessed volume (z, C, H, W), got shape {tuple(x.shape)}")
     was_training = model.training; model.eval()
     device = next((p.device for p in model.parameters()), torch.device('cpu'))
+    bf16 = resolve_precision(precision, device.type) == 'bf16-mixed'
     flips = [(), (-1,), (-2,)] if tta else [()]
     out = np.empty((x.shape[0], *x.shape[2:]), np.float32)
     try:
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device)
-            prob = sum(torch.sigmoid(model(batch.flip(f))).flip(f) if f else torch.sigmoid(model(batch)) for f in flips) / len(flips)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                prob = sum(torch.sigmoid(model(batch.flip(f)).float()).flip(f) if f else torch.sigmoid(model(batch).float()) for f in flips) / len(flips)
             if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
                 raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
-            out[start:start + len(batch)] = prob[:, 0].float().cpu().numpy()
+            out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
     finally: model.train(was_training)
     return out
 
@@ -339,7 +356,8 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                  progress:str|None=None,         # tqdm label (None: silent)
                  grid:str='stored',              # 'stored': preprocessed grid; 'original': restored to each scan's own grid
                  masks_dir:str|Path|None=None,   # `lungseg masks` output, for grid='original' on DICOM cases
-                 readers_root:str|Path|None=None # LIDC-style DICOM root with XML reads: adds the human reference
+                 readers_root:str|Path|None=None, # LIDC-style DICOM root with XML reads: adds the human reference
+                 min_volume_mm3:float=0          # drop predicted components smaller than this, as `lungseg predict --min-volume-mm3`
                 ) -> dict:
     "Score a trained run on one split; writes metrics.json, patients.csv, nodules.csv and figures; returns the summary."
     import yaml
@@ -371,14 +389,14 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
             truth = original_truth(meta, masks_dir)
             if truth is None: raise LungsegError(f"original mask not found (source {meta.get('source') or 'unknown'}): use the stored grid, or pass the masks folder")
             prob, spacing = restore_mask(prob, meta), tuple(meta['spacing_mm'])
-        row, nodules = evaluate_volume(prob >= threshold, truth, spacing)
+        row, nodules = evaluate_volume(remove_small_components(prob >= threshold, spacing, min_volume_mm3).astype(bool), truth, spacing)
         return dict(patient=item['patient'], **row, spacing_mm=' '.join(f'{v:.3f}' for v in spacing)), nodules
     result = run_each(range(len(volumes)), _one, progress=progress)
     if not result.results: raise LungsegError(f"{run_dir}: every patient of split {split!r} failed ({result.failures[0][1]})")
     patients = pd.DataFrame([r for _, (r, _) in result.results])
     nodules = pd.DataFrame([dict(patient=r['patient'], **n) for _, (r, ns) in result.results for n in ns],
                            columns=['patient', 'nodule', 'voxels', 'diameter_mm', 'size_bin', 'hit'])
-    summary = dict(split=split, checkpoint=str(checkpoint), prep_dir=str(prep_dir), threshold=threshold, tta=tta,
+    summary = dict(split=split, checkpoint=str(checkpoint), prep_dir=str(prep_dir), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3,
                    grid=('stored (preprocessed) grid with stored_spacing_mm: slab-cropped, resized in-plane to '
                          f"{settings.get('image_size')}; ground truth = stored masks") if grid == 'stored' else
                         ('original grid of each scan with its own spacing: predictions restored (restore_mask), ground truth = '
@@ -414,6 +432,7 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--checkpoint', type=Path, default=None, help='checkpoint to score (default checkpoints/best.ckpt)')
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation')
     p.add_argument('--threshold', type=float, default=None, help="probability threshold (default: the model's)")
+    p.add_argument('--min-volume-mm3', type=float, default=0, help='drop predicted components smaller than this volume before scoring, as `lungseg predict` does (default 0: keep all)')
     p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass (default 16)')
     p.add_argument('--grid', default='stored', choices=['stored', 'original'],
                    help="stored: the preprocessed grid (default); original: predictions restored to each scan's own grid, "
@@ -424,7 +443,8 @@ def evaluate_main(argv:list[str]|None=None) -> int:
                         '(each reader against the consensus of the others) beside the model')
     args = p.parse_args(argv)
     s = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.batch_size, args.tta, args.threshold,
-                     progress=f'evaluate {args.split}', grid=args.grid, masks_dir=args.masks, readers_root=args.readers)
+                     progress=f'evaluate {args.split}', grid=args.grid, masks_dir=args.masks, readers_root=args.readers,
+                     min_volume_mm3=args.min_volume_mm3)
     f = lambda v: 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}'
     shown = ', '.join(s['patients'][:10]) + (f", ... ({len(s['patients'])} in all)" if len(s['patients']) > 10 else '')
     print(f"{args.split}: {s['n_patients']} patient(s) ({shown}); per-patient 3D Dice over {s['n_patients_dice']} with tumour: "

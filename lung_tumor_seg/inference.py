@@ -11,15 +11,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command
-from .evaluation import predict_probabilities, label_components
+from .evaluation import predict_probabilities, label_components, remove_small_components
 from .volumes import LPS_AXES, to_lps_grid
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
 from .dataset import context_stack, context_step
 
 # %% auto #0
-__all__ = ['CHEST_CT_SPACING_MM', 'InputVolume', 'read_volume', 'check_spacing', 'remove_small_components', 'write_dicom_seg',
-           'overlay_frames', 'save_animation', 'model_settings', 'predict_volume', 'load_model', 'predict',
-           'predict_main']
+__all__ = ['CHEST_CT_SPACING_MM', 'InputVolume', 'read_volume', 'check_spacing', 'write_dicom_seg', 'overlay_frames',
+           'save_animation', 'model_settings', 'predict_volume', 'load_model', 'predict', 'predict_main']
 
 # %% ../nbs/10_inference.ipynb #7681fb36
 @dataclass
@@ -95,19 +94,6 @@ def check_spacing(spacing_mm:tuple,  # (dz, dy, dx) in mm
         if not lo <= value <= hi: notes.append(f"{source}: {name} spacing {value:g} mm is outside the usual {lo}-{hi} mm; the prediction may be poor")
     for note in dict.fromkeys(notes): warnings.warn(note)
     return list(dict.fromkeys(notes))
-
-# %% ../nbs/10_inference.ipynb #b4e67d8b
-def remove_small_components(mask:np.ndarray,      # binary mask (z, y, x)
-                            spacing_mm:tuple,     # (dz, dy, dx) in mm
-                            min_volume_mm3:float  # components smaller than this are removed (0: keep all)
-                           ) -> np.ndarray:
-    "The mask without the connected components smaller than `min_volume_mm3`, uint8."
-    mask = np.asarray(mask, bool)
-    if not min_volume_mm3 or not mask.any(): return mask.astype(np.uint8)
-    labels, n = label_components(mask)
-    volume_mm3 = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing_mm))
-    keep = volume_mm3 >= min_volume_mm3; keep[0] = False
-    return keep[labels].astype(np.uint8)
 
 # %% ../nbs/10_inference.ipynb #6242a54a
 def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' grid, slices in `series.files` order

@@ -89,12 +89,22 @@ def test_predict_probabilities_flip_tta_averages_flipped_passes():
     conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
     with torch.no_grad(): conv.weight.copy_(torch.arange(9.).reshape(1, 1, 3, 3)/9 - 0.4)   # not flip-invariant
     x = np.random.default_rng(0).random((5, 1, 16, 16)).astype(np.float32)
-    plain = predict_probabilities(conv, x, batch_size=2)
+    plain = predict_probabilities(conv, x, batch_size=2, precision='32-true')
     t = torch.from_numpy(x)
     with torch.no_grad():
         expected = (torch.sigmoid(conv(t)) + torch.sigmoid(conv(t.flip(-1))).flip(-1) + torch.sigmoid(conv(t.flip(-2))).flip(-2))/3
-    assert np.allclose(predict_probabilities(conv, x, batch_size=2, tta=True), expected[:, 0].numpy(), atol=1e-6)
+    assert np.allclose(predict_probabilities(conv, x, batch_size=2, tta=True, precision='32-true'), expected[:, 0].numpy(), atol=1e-6)
     assert not np.allclose(plain, expected[:, 0].numpy(), atol=1e-4)
+
+def test_predict_probabilities_bf16_close_to_fp32():
+    "bf16 inference (what 'auto' picks on CPUs and GPUs with native bf16) stays within a few hundredths of fp32."
+    import torch
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+    x = np.random.default_rng(1).random((4, 3, 16, 16)).astype(np.float32)
+    fp32 = predict_probabilities(conv, x, precision='32-true')
+    bf16 = predict_probabilities(conv, x, precision='bf16-mixed')
+    assert bf16.dtype == np.float32 and np.abs(bf16 - fp32).max() < 0.02
+    assert not np.array_equal(bf16, fp32)      # it did compute in bf16
 
 # --- lungseg evaluate end to end --------------------------------------------------------------------------------------
 
