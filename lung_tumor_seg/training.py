@@ -94,20 +94,23 @@ def load_config(path:str|Path|None=None, # YAML file of settings that differ fro
 
 # %% ../nbs/08_training.ipynb #7dcf7ae6
 class CropDiceLoss(nn.Module):
-    "Dice of each crop that holds tumour, averaged over those crops, plus a pixel loss (focal or BCE) over all crops."
+    "Dice of each crop that holds tumour, averaged over those crops, plus a pixel loss (focal or BCE) over all crops, optionally plus batch Dice."
     def __init__(self, pixel:str='focal',   # 'focal' or 'bce'
                  gamma:float=2.0,           # focal exponent
-                 lambda_dice:float=1.0, lambda_pixel:float=1.0):
+                 lambda_dice:float=1.0, lambda_pixel:float=1.0,
+                 lambda_batch_dice:float=0.0): # weight of Dice over the whole batch (1, with focal: `dice_focal` plus lambda_dice x crop Dice)
         super().__init__()
         if pixel not in ('focal', 'bce'): raise TypeError(f"pixel must be 'focal' or 'bce', got {pixel!r}")
         self.dice = DiceLoss(sigmoid=True, batch=False, reduction='none')
+        self.batch_dice = DiceLoss(sigmoid=True, batch=True)
         self.pixel = FocalLoss(use_softmax=False, gamma=gamma) if pixel == 'focal' else nn.BCEWithLogitsLoss()
-        self.lambda_dice, self.lambda_pixel = lambda_dice, lambda_pixel
+        self.lambda_dice, self.lambda_pixel, self.lambda_batch_dice = lambda_dice, lambda_pixel, lambda_batch_dice
 
     def forward(self, logits:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
         per_crop, has_tumour = self.dice(logits, target).flatten(), target.flatten(1).amax(1) > 0
         dice = per_crop[has_tumour].mean() if has_tumour.any() else per_crop.sum()*0
-        return self.lambda_dice*dice + self.lambda_pixel*self.pixel(logits, target)
+        loss = self.lambda_dice*dice + self.lambda_pixel*self.pixel(logits, target)
+        return loss + self.lambda_batch_dice*self.batch_dice(logits, target) if self.lambda_batch_dice else loss
 
 # %% ../nbs/08_training.ipynb #51ae8481
 LOSSES = {
