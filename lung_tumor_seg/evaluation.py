@@ -184,7 +184,8 @@ def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> lo
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                prob = sum(torch.sigmoid(model(batch.flip(f)).float()).flip(f) if f else torch.sigmoid(model(batch).float()) for f in flips) / len(flips)
+                passes = [torch.sigmoid(model(batch.flip(f) if f else batch).float()) for f in flips]
+            prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
             if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
                 raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
             out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
