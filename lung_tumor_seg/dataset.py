@@ -112,9 +112,10 @@ class SliceDataset(Dataset):
     def __init__(self, prep_dir:str|Path, patients:list, context_slices:int=0, transform=None,
                  crop_size:int|None=None,   # serve crop_size x crop_size crops (see `crop_corner`); None: whole slices
                  context_mm:float|None=None, # neighbours this far apart in z (see `context_step`); None: adjacent slices
-                 context_jitter:float=0.0):  # each draw scales the neighbours' spacing by a random factor in 1 ± this
+                 context_jitter:float=0.0,   # each draw scales the neighbours' spacing by a random factor in 1 ± this
+                 z_flip:bool=False):         # each draw reverses the neighbours' order (head-foot mirror) with probability 1/2
         self.prep_dir, self.k, self.transform, self.crop_size = Path(prep_dir), int(context_slices), transform, crop_size
-        self.context_mm, self.context_jitter = context_mm, float(context_jitter)
+        self.context_mm, self.context_jitter, self.z_flip = context_mm, float(context_jitter), bool(z_flip)
         if not 0 <= self.context_jitter < 1: raise LungsegError(f"context_jitter must be in [0, 1), got {context_jitter}")
         self.index = read_index(prep_dir, patients)
         missing = set(patients) - set(self.index.patient)
@@ -154,6 +155,7 @@ class SliceDataset(Dataset):
             rows, cols = slice(max(y0 - pad, 0), min(y0 + size + pad, H)), slice(max(x0 - pad, 0), min(x0 + size + pad, W))
             cut = (slice(y0 - rows.start, y0 - rows.start + size), slice(x0 - cols.start, x0 - cols.start + size))
         x = read_context(image, context_indices(len(image), s, self.k, step), rows, cols)   # (C, h, w)
+        if self.z_flip and torch.rand(()) < 0.5: x = x[::-1]   # nodules and vessels look the same from either end
         y = np.asarray(mask[s, rows, cols])
         if self.transform is not None:
             out = self.transform(image=np.ascontiguousarray(x.transpose(1, 2, 0)), mask=y)
@@ -250,6 +252,7 @@ class LungDataModule(L.LightningDataModule):
                  crop_size:int|None=None,         # train on crops of this size (see `crop_corner`); None: whole slices
                  context_mm:float|None=None,      # 2.5D neighbours this far apart in z (see `context_step`); None: adjacent slices
                  context_jitter:float=0.0,        # training draws scale the neighbours' spacing by 1 ± this (see `SliceDataset`)
+                 z_flip:bool=False,               # training draws mirror the 2.5D context head-foot half the time (see `SliceDataset`)
                  seed:int=0):
         super().__init__()
         self.save_hyperparameters()
@@ -276,7 +279,7 @@ class LungDataModule(L.LightningDataModule):
         if stage in (None, 'fit') and not split['train']: raise LungsegError(f"{self.prep_dir/'split.json'}: no training patient")
         transform = train_augmentation(flips=hp.flips, seed=hp.seed) if hp.augment else None
         self.train_set = SliceDataset(self.prep_dir, split['train'], hp.context_slices, transform, hp.crop_size, hp.context_mm,
-                                     hp.context_jitter if hp.augment else 0.0)
+                                     hp.context_jitter if hp.augment else 0.0, hp.z_flip and hp.augment)
 
     def _loader(self, dataset, **kw):
         n = self.num_workers

@@ -93,7 +93,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
     out, sw = Path(out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     raw, ann, masks, prep, run = (out/p for p in ('raw', 'annotations', 'masks', 'prep', 'run'))
-    phantom = sw.run('phantom', cached_phantom, n_patients, seed, max_slices)
+    phantom = sw.run('phantom', cached_phantom, n_patients, seed, max_slices, task06=False)   # the chain reads the LIDC DICOM
     sw.run('download', run_command, 'download', ['--mirror', phantom/'LIDC-IDRI', '--out', raw, '--quiet'])
     sw.run('annotations', run_command, 'annotations', [raw, '--out', ann, '--dicom', raw])
     sw.run('masks', run_command, 'masks', [ann, '--dicom', raw, '--out', masks])

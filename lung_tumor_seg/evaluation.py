@@ -13,11 +13,11 @@ from scipy import ndimage
 from .core import LungsegError, atomic_path, cli_command, sample_dir, SAMPLE_HINT
 
 # %% auto #0
-__all__ = ['CONNECTIVITY_26', 'SIZE_BINS_MM', 'overlap_metrics', 'hausdorff95_mm', 'label_components', 'equivalent_diameter_mm',
-           'size_bin', 'remove_small_components', 'match_nodules', 'detection_summary', 'slice_level_extras',
-           'evaluate_volume', 'summarize_patients', 'predict_probabilities', 'training_curves', 'plot_curves',
-           'reader_agreement', 'reader_masks', 'human_reference', 'summarize_readers', 'plot_model_vs_readers',
-           'original_truth', 'evaluate_run', 'evaluate_main']
+__all__ = ['CONNECTIVITY_26', 'SIZE_BINS_MM', 'overlap_metrics', 'nonzero_box', 'hausdorff95_mm', 'label_components',
+           'equivalent_diameter_mm', 'size_bin', 'remove_small_components', 'match_nodules', 'detection_summary',
+           'slice_level_extras', 'evaluate_volume', 'summarize_patients', 'predict_probabilities', 'training_curves',
+           'plot_curves', 'reader_agreement', 'reader_masks', 'human_reference', 'summarize_readers',
+           'plot_model_vs_readers', 'original_truth', 'evaluate_run', 'evaluate_main']
 
 # %% ../nbs/09_evaluation.ipynb #86e03dae
 def overlap_metrics(pred:np.ndarray,  # predicted binary mask (z, y, x)
@@ -34,6 +34,16 @@ def overlap_metrics(pred:np.ndarray,  # predicted binary mask (z, y, x)
                 recall=tp/n_true if n_true else nan,
                 true_voxels=n_true, pred_voxels=n_pred, tp_voxels=tp)
 
+# %% ../nbs/09_evaluation.ipynb #80ab6d2a
+def nonzero_box(*masks:np.ndarray, margin:int=1) -> tuple:
+    "Slices of the smallest box holding every nonzero voxel of the masks, grown by `margin` voxels (all empty: an empty box)."
+    occupied = np.logical_or.reduce([np.asarray(m, bool) for m in masks])
+    box = []
+    for axis in range(occupied.ndim):
+        hit = np.flatnonzero(occupied.any(tuple(a for a in range(occupied.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + margin + 1) if len(hit) else slice(0, 0))
+    return tuple(box)
+
 # %% ../nbs/09_evaluation.ipynb #d4c6250b
 def hausdorff95_mm(pred:np.ndarray,      # predicted binary mask (z, y, x)
                    truth:np.ndarray,     # ground-truth binary mask
@@ -43,9 +53,7 @@ def hausdorff95_mm(pred:np.ndarray,      # predicted binary mask (z, y, x)
     from monai.metrics import compute_hausdorff_distance
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)
     if not p.any() or not t.any(): return float('nan')
-    idx = np.argwhere(p | t)
-    lo, hi = np.maximum(idx.min(0) - 2, 0), idx.max(0) + 3
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = nonzero_box(p, t, margin=2)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         hd = compute_hausdorff_distance(torch.from_numpy(p[box])[None, None], torch.from_numpy(t[box])[None, None],
@@ -76,10 +84,12 @@ def remove_small_components(mask:np.ndarray,      # binary mask (z, y, x)
     "The mask without the connected components smaller than `min_volume_mm3`, uint8."
     mask = np.asarray(mask, bool)
     if not min_volume_mm3 or not mask.any(): return mask.astype(np.uint8)
-    labels, n = label_components(mask)
+    box = nonzero_box(mask)
+    labels, n = label_components(mask[box])
     volume_mm3 = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing_mm))
     keep = volume_mm3 >= min_volume_mm3; keep[0] = False
-    return keep[labels].astype(np.uint8)
+    out = np.zeros(mask.shape, np.uint8); out[box] = keep[labels]
+    return out
 
 # %% ../nbs/09_evaluation.ipynb #87accd5b
 def match_nodules(pred:np.ndarray,      # predicted binary mask (z, y, x)
@@ -88,6 +98,8 @@ def match_nodules(pred:np.ndarray,      # predicted binary mask (z, y, x)
                   min_iou:float=0.1     # IoU between a nodule and the predicted components touching it, to count as hit
                  ) -> tuple:
     "Ground-truth nodules (one dict each: size, bin, IoU, hit) and the number of false-positive predicted components."
+    box = nonzero_box(pred, truth)   # components lie inside the box of both masks: label only there
+    pred, truth = np.asarray(pred, bool)[box], np.asarray(truth, bool)[box]
     truth_labels, n_true = label_components(truth)
     pred_labels, n_pred = label_components(pred)
     sizes = np.bincount(truth_labels.ravel(), minlength=n_true + 1)
@@ -175,21 +187,20 @@ def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> lo
     from lung_tumor_seg.training import resolve_precision
     x = torch.as_tensor(np.asarray(images, np.float32) if isinstance(images, np.ndarray) else images.float())
     if x.ndim != 4: raise LungsegError(f"expected a preprocessed volume (z, C, H, W), got shape {tuple(x.shape)}")
-    was_training = model.training; model.eval()
-    device = next((p.device for p in model.parameters()), torch.device('cpu'))
+    from lung_tumor_seg.unet import fold_batchnorm
+    net = fold_batchnorm(getattr(model, 'net', model))   # eval-mode copy with BatchNorm folded into the convolutions
+    device = next((p.device for p in net.parameters()), torch.device('cpu'))
     bf16 = resolve_precision(precision, device.type) == 'bf16-mixed'
     flips = [(), (-1,), (-2,)] if tta else [()]
     out = np.empty((x.shape[0], *x.shape[2:]), np.float32)
-    try:
-        for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                passes = [torch.sigmoid(model(batch.flip(f) if f else batch).float()) for f in flips]
-            prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
-            if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
-                raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
-            out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
-    finally: model.train(was_training)
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            passes = [torch.sigmoid(net(batch.flip(f) if f else batch).float()) for f in flips]
+        prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
+        if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
+            raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
+        out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
     return out
 
 # %% ../nbs/09_evaluation.ipynb #3e00640e

@@ -329,8 +329,9 @@ def nodule_truth(patient:PhantomPatient, nodules:list, nodule_hu:list) -> list:
     return out
 
 # %% ../nbs/04_phantom.ipynb #30ee9aea
-def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_path=None) -> dict:
-    "Draw phantom patient `number`, write its DICOM + XML and Task06 image/label under `out_dir`; return its truth entry."
+def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_path=None,
+                  task06:bool=True) -> dict: # also write the Task06 NIfTI image and label
+    "Draw phantom patient `number`, write its DICOM + XML (and Task06 image/label) under `out_dir`; return its truth entry."
     out_dir, patient = Path(out_dir), plan_patient(number, seed, max_slices, db_path)
     nodules = nodule_masks(patient, db_path)
     hu, nodule_hu = chest_volume(patient.shape, patient.pixel_spacing_mm, patient.z_mm, nodules,
@@ -342,7 +343,7 @@ def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_pa
         write_dicom_series(hu, patient, tmp)
         (tmp/f'{number}.xml').write_bytes(lidc_xml(patient, db_path))
     task = f'lung_{number:03d}'
-    for part, vol in (('imagesTr', hu), ('labelsTr', label)): save_nifti(vol, patient.geometry.affine, out_dir/'Task06_Lung'/part/f'{task}.nii.gz')
+    for part, vol in (('imagesTr', hu), ('labelsTr', label)) if task06 else (): save_nifti(vol, patient.geometry.affine, out_dir/'Task06_Lung'/part/f'{task}.nii.gz')
     src = load_lidc_database(db_path).scans[patient.scan_id]
     return dict(patient_id=patient.patient_id, number=number, task06=task, series_dir=str(series_dir.relative_to(out_dir)),
                 xml=str((series_dir/f'{number}.xml').relative_to(out_dir)), series_uid=patient.series_uid,
@@ -384,36 +385,37 @@ def _existing_truth(out:Path, seed:int, max_slices:int) -> dict:
                            f"version {PHANTOM_VERSION}")
     return truth
 
-def _finished(out:Path, entry:dict|None) -> bool:
-    return bool(entry) and (out/entry['xml']).exists() and all(
-        (out/'Task06_Lung'/part/f"{entry['task06']}.nii.gz").exists() for part in ('imagesTr', 'labelsTr'))
+def _finished(out:Path, entry:dict|None, task06:bool=True) -> bool:
+    return bool(entry) and (out/entry['xml']).exists() and (not task06 or all(
+        (out/'Task06_Lung'/part/f"{entry['task06']}.nii.gz").exists() for part in ('imagesTr', 'labelsTr')))
 
 def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips finished patients)
                  n_patients:int=12,  # synthetic patients PHANTOM-0001..
                  seed:int=0,         # chooses template scans, readers, anatomy and noise
                  max_slices:int=48,  # slices per series: a window of the template scan's real z positions
                  progress:bool=False, db_path=None,
-                 workers:int=1) -> Path: # patients drawn in parallel processes
+                 workers:int=1,      # patients drawn in parallel processes
+                 task06:bool=True) -> Path: # also write the Task06 NIfTI copy (the LIDC DICOM alone needs about 30% less time)
     "Write synthetic LIDC-geometry patients: DICOM + LIDC XML, Task06 NIfTI, truth.json. Returns `out_dir`."
     if int(n_patients) < 1: raise LungsegError(f"number of phantom patients must be at least 1 (got {n_patients})")
     if int(max_slices) < 8: raise LungsegError(f"max_slices must be at least 8 (got {max_slices})")
     out = Path(out_dir)
     done = {e['number']: e for e in _existing_truth(out, seed, max_slices).get('patients', [])}
-    todo = [k for k in range(1, n_patients + 1) if not _finished(out, done.get(k))]
+    todo = [k for k in range(1, n_patients + 1) if not _finished(out, done.get(k), task06)]
     if todo: choose_scans(n_patients, seed, max_slices, db_path)        # fails early when too many patients are asked for
     def _save_truth():
         _write_json(dict(description=f'{PHANTOM_LABEL}: synthetic CT; nodule contours and reader disagreement from LIDC-IDRI',
                          version=PHANTOM_VERSION, seed=seed, max_slices=max_slices, patients=[done[k] for k in sorted(done)]), out/'truth.json')
     def _one(number):
-        done[number] = write_patient(out, number, seed, max_slices, db_path)
+        done[number] = write_patient(out, number, seed, max_slices, db_path, task06)
         _save_truth()
     desc = 'phantom patients' if progress else None
     if workers > 1 and todo:   # truth.json once at the end: an interrupted run redraws the same patients
-        res = run_each(todo, functools.partial(write_patient, out, seed=seed, max_slices=max_slices, db_path=db_path), desc, workers=workers)
+        res = run_each(todo, functools.partial(write_patient, out, seed=seed, max_slices=max_slices, db_path=db_path, task06=task06), desc, workers=workers)
         done.update(res.results); _save_truth()
     else: res = run_each(todo, _one, desc)
-    entries = [done[k] for k in sorted(done) if _finished(out, done[k])]
-    if entries and (todo or not (out/'Task06_Lung'/'dataset.json').exists()):
+    entries = [done[k] for k in sorted(done) if _finished(out, done[k])]   # those with their Task06 copy
+    if entries and task06 and (todo or not (out/'Task06_Lung'/'dataset.json').exists()):
         _write_json(task06_dataset(entries), out/'Task06_Lung'/'dataset.json')
     if res.failures:
         item, msg = res.failures[0]
@@ -421,7 +423,8 @@ def make_phantom(out_dir:str|Path,   # folder to write (created; a re-run skips 
     return out
 
 # %% ../nbs/04_phantom.ipynb #800b26e7
-def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48) -> Path:
+def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48,
+                   task06:bool=True) -> Path: # False: the LIDC DICOM and XML only (a later call with True adds the Task06 copy)
     "Folder of a phantom made once in `core.data_dir()`, one process per core (concurrent callers wait for one another)."
     path = data_dir()/f'phantom-v{PHANTOM_VERSION}-n{n_patients}-seed{seed}-z{max_slices}'
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +432,7 @@ def cached_phantom(n_patients:int=2, seed:int=0, max_slices:int=48) -> Path:
         try:
             import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError: pass   # no file locks on this platform
-        return make_phantom(path, n_patients, seed, max_slices, workers=usable_cores())
+        return make_phantom(path, n_patients, seed, max_slices, workers=usable_cores(), task06=task06)
 
 # %% ../nbs/04_phantom.ipynb #81a35d66
 @cli_command

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from monai.losses import DiceCELoss, DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
 from .core import LungsegError, atomic_path, cli_command
-from .unet import UNet
+from .unet import UNet, fold_batchnorm
 
 # %% auto #0
 __all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss', 'make_loss',
@@ -34,7 +34,7 @@ DEFAULT_CONFIG = {
                   warmup_steps=50,          # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
                   min_lr_ratio=0.01),       # final lr = lr * min_lr_ratio
     'data': dict(batch_size=16, context_slices=0, augment=True, sampler='inverse_frequency', num_workers=None,
-                 oversample_factor=4.0, flips=False,
+                 oversample_factor=4.0, flips=False, z_flip=False,
                  context_mm=None,           # 2.5D neighbours this far apart in z, in mm (None: adjacent slices)
                  context_jitter=0.0),       # training items scale that spacing by a random factor in 1 ± this
     'train': dict(crop_size=None,           # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
@@ -188,7 +188,8 @@ class SegModule(L.LightningModule):
     def probabilities(self, image:torch.Tensor, chunk_slices:int|None=None) -> torch.Tensor:
         "Tumour probability `(z, H, W)` of a volume `(z, C, H, W)`, predicted `chunk_slices` slices at a time."
         n = chunk_slices or self.val_cfg['chunk_slices']
-        return torch.cat([torch.sigmoid(self(image[i:i+n]).float())[:, 0] for i in range(0, len(image), n)])
+        net = self.net if self.training else fold_batchnorm(self.net)   # validation: BatchNorm folded into the convolutions
+        return torch.cat([torch.sigmoid(net(image[i:i+n]).float())[:, 0] for i in range(0, len(image), n)])
 
     def on_validation_epoch_start(self): self.val_rows, self.val_results = [], []
 

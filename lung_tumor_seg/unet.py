@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .core import LungsegError
 
 # %% auto #0
-__all__ = ['DoubleConv', 'Up', 'UNet', 'init_kaiming', 'count_parameters', 'forward_gflops', 'size_table', 'train_throughput']
+__all__ = ['DoubleConv', 'Up', 'UNet', 'init_kaiming', 'fold_batchnorm', 'count_parameters', 'forward_gflops', 'size_table',
+           'train_throughput']
 
 # %% ../nbs/07_unet.ipynb #6f1c7dbd
 class DoubleConv(nn.Sequential):
@@ -90,6 +91,20 @@ def init_kaiming(module:nn.Module):
         if module.bias is not None: nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
+
+# %% ../nbs/07_unet.ipynb #5d915340
+def fold_batchnorm(model:nn.Module) -> nn.Module:
+    "An eval-mode copy of `model` with each BatchNorm2d that follows a Conv2d in a `Sequential` folded into that convolution."
+    import copy
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    folded = copy.deepcopy(model).eval()
+    for block in folded.modules():
+        if not isinstance(block, nn.Sequential): continue
+        for i in range(len(block) - 1):
+            if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
+                block[i], block[i + 1] = fuse_conv_bn_eval(block[i], block[i + 1]), nn.Identity()
+    if getattr(folded, 'channels_last', False): folded.to(memory_format=torch.channels_last)
+    return folded
 
 # %% ../nbs/07_unet.ipynb #57bbdd4a
 def count_parameters(model:nn.Module) -> int:
