@@ -34,7 +34,7 @@ def overlap_metrics(pred:np.ndarray,  # predicted binary mask (z, y, x)
                 recall=tp/n_true if n_true else nan,
                 true_voxels=n_true, pred_voxels=n_pred, tp_voxels=tp)
 
-# %% ../nbs/09_evaluation.ipynb #80ab6d2a
+# %% ../nbs/09_evaluation.ipynb #22ad1b1d
 def nonzero_box(*masks:np.ndarray, margin:int=1) -> tuple:
     "Slices of the smallest box holding every nonzero voxel of the masks, grown by `margin` voxels (all empty: an empty box)."
     occupied = np.logical_or.reduce([np.asarray(m, bool) for m in masks])

@@ -92,7 +92,7 @@ def init_kaiming(module:nn.Module):
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
 
-# %% ../nbs/07_unet.ipynb #5d915340
+# %% ../nbs/07_unet.ipynb #11660315
 def fold_batchnorm(model:nn.Module) -> nn.Module:
     "An eval-mode copy of `model` with each BatchNorm2d that follows a Conv2d in a `Sequential` folded into that convolution."
     import copy
