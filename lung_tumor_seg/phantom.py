@@ -343,7 +343,8 @@ def write_patient(out_dir:Path, number:int, seed:int=0, max_slices:int=48, db_pa
         write_dicom_series(hu, patient, tmp)
         (tmp/f'{number}.xml').write_bytes(lidc_xml(patient, db_path))
     task = f'lung_{number:03d}'
-    for part, vol in (('imagesTr', hu), ('labelsTr', label)) if task06 else (): save_nifti(vol, patient.geometry.affine, out_dir/'Task06_Lung'/part/f'{task}.nii.gz')
+    if task06:
+        for part, vol in (('imagesTr', hu), ('labelsTr', label)): save_nifti(vol, patient.geometry.affine, out_dir/'Task06_Lung'/part/f'{task}.nii.gz')
     src = load_lidc_database(db_path).scans[patient.scan_id]
     return dict(patient_id=patient.patient_id, number=number, task06=task, series_dir=str(series_dir.relative_to(out_dir)),
                 xml=str((series_dir/f'{number}.xml').relative_to(out_dir)), series_uid=patient.series_uid,
