@@ -57,6 +57,7 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
              f"Empty-mask rule: {m['empty_mask_rule']}.", "", f"Grid: {m.get('grid', '')}.", "",
              f"Segmentation: probability threshold {m.get('threshold')}, flip test-time augmentation {'on' if m.get('tta') else 'off'}, "
              f"predicted components under {m.get('min_volume_mm3') or 0} mm³ dropped.", "",
+             f"False-positive reduction: {m.get('fp_reduction', 'off')}.", "",
              f"Detection rule: {m.get('detection_rule', '')}.", "",
              "## Per patient", "", patients.to_markdown(index=False, floatfmt='.3f') if len(patients) else '(none)', ""]
     if len(human):

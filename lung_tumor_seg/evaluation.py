@@ -369,7 +369,8 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                  grid:str='stored',              # 'stored': preprocessed grid; 'original': restored to each scan's own grid
                  masks_dir:str|Path|None=None,   # `lungseg masks` output, for grid='original' on DICOM cases
                  readers_root:str|Path|None=None, # LIDC-style DICOM root with XML reads: adds the human reference
-                 min_volume_mm3:float=0          # drop predicted components smaller than this, as `lungseg predict --min-volume-mm3`
+                 min_volume_mm3:float=0,         # drop predicted components smaller than this, as `lungseg predict --min-volume-mm3`
+                 fp_reduction:bool=True          # apply the false-positive classifier trained with the checkpoint, when there is one
                 ) -> dict:
     "Score a trained run on one split; writes metrics.json, patients.csv, nodules.csv and figures; returns the summary."
     import yaml
@@ -389,12 +390,18 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
     settings = read_preprocess_settings(prep_dir)
     model = load_checkpoint(checkpoint, expect=dict(image_size=settings.get('image_size'), window=settings.get('window')))
     threshold = float(threshold if threshold is not None else model.val_cfg['threshold'])
+    from lung_tumor_seg.fp_reduction import fp_filter_for
+    fp = fp_filter_for(checkpoint, model.hparams.get('preprocess')) if fp_reduction else None
+    fp_counts = []
     volumes = PatientVolumes(prep_dir, split, int(model.hparams.get('context_slices', 0)), model.hparams.get('context_mm'))
     if len(volumes) == 0: raise LungsegError(f"{Path(prep_dir)/'split.json'}: split {split!r} has no patients")
     if grid not in ('stored', 'original'): raise LungsegError(f"unknown grid {grid!r}: choose stored or original")
     def _one(i):
         item = volumes[i]
         prob, truth, spacing = predict_probabilities(model, item['image'], batch_size, tta), item['mask'].numpy(), item['spacing_mm']
+        if fp is not None:   # on the stored grid, where the classifier was trained
+            prob, counts = fp.suppress(prob, item['image'][:, item['image'].shape[1]//2].numpy(), spacing, threshold)
+            fp_counts.append(counts)
         if grid == 'original':
             from lung_tumor_seg.preprocessing import restore_mask
             meta = volumes.meta(i)
@@ -415,6 +422,10 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                          'original masks; slices outside the preprocessing slab are predicted empty'),
                    detection_rule='26-connected components; a ground-truth nodule is hit when the predicted components touching it overlap it with IoU >= 0.1; '
                                   'a predicted component touching no ground-truth nodule is a false positive; size = equivalent diameter',
+                   fp_reduction=(f"{Path(checkpoint).parent.name}/fp_reduction.pt: a 3D classifier of the predicted components on the stored grid "
+                                 f"(patches of ±{fp.settings['patch_slices']//2*fp.settings['patch_z_mm']:g} mm) dropped "
+                                 f"{sum(c['rejected'] for c in fp_counts)} of {sum(c['candidates'] for c in fp_counts)} candidates "
+                                 f"scored under {fp.settings['keep_score']}") if fp is not None else 'off',
                    patients=list(patients.patient), failed=[f"{volumes.patients[i]}: {m}" for i, m in result.failures],
                    **summarize_patients(patients, nodules))
     out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
@@ -453,10 +464,12 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--readers', type=Path, default=None,
                    help='LIDC-style DICOM root with the XML reads of the evaluated patients: adds the human reference '
                         '(each reader against the consensus of the others) beside the model')
+    p.add_argument('--no-fp-reduction', action='store_true',
+                   help="score the U-Net alone, without the false-positive classifier trained with it (checkpoints/fp_reduction.pt)")
     args = p.parse_args(argv)
     s = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.batch_size, args.tta, args.threshold,
                      progress=f'evaluate {args.split}', grid=args.grid, masks_dir=args.masks, readers_root=args.readers,
-                     min_volume_mm3=args.min_volume_mm3)
+                     min_volume_mm3=args.min_volume_mm3, fp_reduction=not args.no_fp_reduction)
     f = lambda v: 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}'
     shown = ', '.join(s['patients'][:10]) + (f", ... ({len(s['patients'])} in all)" if len(s['patients']) > 10 else '')
     print(f"{args.split}: {s['n_patients']} patient(s) ({shown}); per-patient 3D Dice over {s['n_patients_dice']} with tumour: "
@@ -467,6 +480,7 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     if args.readers is not None:
         print(f"human reference: {s['human_reader_rows']} reader reads of {len(s['human_patients'])} patient(s); per-reader 3D Dice "
               f"vs the others: mean {f(s['human_mean_reader_dice'])}, median {f(s['human_median_reader_dice'])}")
+    print(f"false-positive reduction: {s['fp_reduction']}")
     print(f"grid: {s['grid']}\nwritten: {Path(args.run)/'eval'/'metrics.json'}")
     if s['failed']:
         print(f"{len(s['failed'])} patient(s) failed:", file=sys.stderr)

@@ -191,7 +191,8 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
                    batch_size:int=16,         # slices per forward pass
                    tta:bool=False,            # flip test-time augmentation
                    threshold:float=0.5,       # probability threshold of the mask
-                   min_volume_mm3:float=0     # drop predicted components smaller than this
+                   min_volume_mm3:float=0,    # drop predicted components smaller than this
+                   fp_filter=None             # a `FalsePositiveFilter` applied on the stored grid (None: the U-Net alone)
                   ) -> tuple:
     "Binary mask uint8 and tumour probability float32, both `(z, y, x)` on the grid of `hu_zyx`."
     if preprocess is None or context_slices is None:
@@ -203,7 +204,9 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
     expected = getattr(model, 'in_channels', None) or getattr(getattr(model, 'net', None), 'in_channels', None)
     if expected is not None and expected != stack.shape[1]:
         raise LungsegError(f"model expects {expected} input channels, the input gives {stack.shape[1]} (context_slices={context_slices})")
-    prob = restore_mask(predict_probabilities(model, stack, batch_size, tta), meta)
+    prob = predict_probabilities(model, stack, batch_size, tta)
+    if fp_filter is not None: prob = fp_filter.suppress(prob, image, tuple(meta['stored_spacing_mm']), threshold)[0]
+    prob = restore_mask(prob, meta)
     mask = remove_small_components(prob >= threshold, spacing_mm, min_volume_mm3)
     return mask, prob
 
@@ -234,12 +237,15 @@ def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an alread
             tta:bool=False,            # flip test-time augmentation
             threshold:float=0.5,       # probability threshold
             batch_size:int=16,         # slices per forward pass
-            animation:bool=True        # write the overlay GIF (and MP4 when ffmpeg exists)
+            animation:bool=True,       # write the overlay GIF (and MP4 when ffmpeg exists)
+            fp_reduction:bool=True     # apply the false-positive classifier trained with the checkpoint (its folder's fp_reduction.pt), when there is one
            ) -> dict:
     "Segment one DICOM series or NIfTI volume and write mask, optional probability map, DICOM SEG and overlay."
     import time
     t0 = time.perf_counter()
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_model(checkpoint)
+    from lung_tumor_seg.fp_reduction import fp_filter_for
+    fp = fp_filter_for(checkpoint, model.hparams.get('preprocess')) if fp_reduction and not isinstance(checkpoint, torch.nn.Module) else None
     vol = read_volume(input)
     if seg and vol.series is None: raise LungsegError(f"{input}: a DICOM SEG needs a DICOM series as input (got a NIfTI file)")
     with warnings.catch_warnings(record=True) as caught:
@@ -247,7 +253,7 @@ def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an alread
         notes = check_spacing(vol.spacing_mm, str(input))
     for note in notes: print(f"lungseg predict: warning: {note}")
     mask, probability = predict_volume(model, vol.hu_zyx, vol.spacing_mm, batch_size=batch_size, tta=tta,
-                                       threshold=threshold, min_volume_mm3=min_volume_mm3)
+                                       threshold=threshold, min_volume_mm3=min_volume_mm3, fp_filter=fp)
     out_dir, name = Path(out_dir), vol.name
     out_dir.mkdir(parents=True, exist_ok=True)
     written = dict(mask=save_nifti(vol.to_input_grid(mask).astype(np.uint8), vol.affine, out_dir/f'{name}_mask.nii.gz'))
@@ -261,7 +267,7 @@ def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an alread
     summary = dict(input=str(input), checkpoint=str(checkpoint) if not isinstance(checkpoint, torch.nn.Module) else type(checkpoint).__name__,
                    name=name, shape_zyx=list(vol.hu_zyx.shape), spacing_mm=[round(v, 4) for v in vol.spacing_mm],
                    tumour_voxels=int(mask.sum()), tumour_volume_mm3=round(float(mask.sum()*np.prod(vol.spacing_mm)), 1),
-                   components=int(n_components), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3,
+                   components=int(n_components), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, fp_reduction=fp is not None,
                    warnings=notes, seconds=round(time.perf_counter() - t0, 2),
                    outputs={k: Path(v).name for k, v in written.items()})
     with atomic_path(out_dir/f'{name}_prediction.json', '.json') as tmp: tmp.write_text(json.dumps(summary, indent=1))
@@ -283,9 +289,11 @@ def predict_main(argv:list[str]|None=None) -> int:
     p.add_argument('--threshold', type=float, default=0.5, help='probability threshold (default 0.5)')
     p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass (default 16)')
     p.add_argument('--no-animation', action='store_true', help='skip the overlay GIF/MP4')
+    p.add_argument('--no-fp-reduction', action='store_true', help="the U-Net alone, without the false-positive classifier beside the checkpoint (fp_reduction.pt)")
     args = p.parse_args(argv)
     out = predict(args.checkpoint, args.input, args.out, seg=args.seg, prob=args.prob, min_volume_mm3=args.min_volume_mm3,
-                  tta=args.tta, threshold=args.threshold, batch_size=args.batch_size, animation=not args.no_animation)
+                  tta=args.tta, threshold=args.threshold, batch_size=args.batch_size, animation=not args.no_animation,
+                  fp_reduction=not args.no_fp_reduction)
     print(f"{out['name']}: {out['tumour_voxels']} tumour voxels ({out['tumour_volume_mm3']} mm³, {out['components']} component(s)) "
           f"in {out['seconds']} s")
     for kind, path in out['files'].items(): print(f"  {kind}: {path}")

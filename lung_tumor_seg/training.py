@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from monai.losses import DiceCELoss, DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
 from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet, fold_batchnorm
+from .fp_reduction import FP_DEFAULTS
 
 # %% auto #0
 __all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss', 'make_loss',
@@ -47,6 +48,7 @@ DEFAULT_CONFIG = {
                     deterministic='auto',   # auto: deterministic on CPU, fast kernels on GPU
                     progress_bar=True, model_summary=True),
     'early_stopping': dict(patience=10, min_delta=0.0),
+    'fp_reduction': FP_DEFAULTS,            # second stage: a 3D classifier of the U-Net's candidates (see fp_reduction); enabled: False
 }
 
 def _merge(base:dict, update:dict, where:str, path:str='') -> dict:
@@ -337,7 +339,7 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
           config:dict|None=None,           # from `load_config` (None: defaults)
           resume:str|Path|None=None,       # checkpoint to continue from, or 'last'
           datamodule:L.LightningDataModule|None=None) -> Path:
-    "Train a `SegModule` on `prep_dir` into `out_dir`; returns the path of the best checkpoint."
+    "Train a `SegModule` on `prep_dir` into `out_dir` (then, with `fp_reduction.enabled`, its candidate classifier); returns the best checkpoint."
     config, prep_dir, run_dir = config or load_config(), Path(prep_dir).resolve(), Path(out_dir)
     preprocess = read_preprocess_settings(prep_dir)
     L.seed_everything(config['seed'], workers=True, verbose=False)
@@ -354,9 +356,13 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
     if config['threads']: torch.set_num_threads(int(config['threads']))
     try:
         with path_safe_globals(): trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best = trainer.checkpoint_callback.best_model_path
+        best = Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
+        if config['fp_reduction']['enabled'] and rank_zero_only.rank == 0:
+            from lung_tumor_seg.fp_reduction import train_fp_reduction
+            train_fp_reduction(best, prep_dir, config['fp_reduction'], verbose=config['trainer']['progress_bar'])
     finally: torch.set_num_threads(threads)
-    best = trainer.checkpoint_callback.best_model_path
-    return Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
+    return best
 
 # %% ../nbs/08_training.ipynb #ef752c6f
 def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`

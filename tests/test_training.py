@@ -175,3 +175,23 @@ def test_two_process_ddp_on_cpu(prep, tmp_path):
     # each process validated one of the two patients; the logged count covers both
     assert metrics['val/patients_with_tumor'].dropna().tolist() == [2.0]
     assert load_checkpoint(run/'checkpoints'/'best.ckpt').hparams.preprocess['image_size'] == [64, 64]
+
+def test_fp_reduction_is_trained_with_the_unet_and_used_by_evaluate_and_predict(prep, tmp_path):
+    from lung_tumor_seg.evaluation import evaluate_run
+    from lung_tumor_seg.inference import predict
+    from lung_tumor_seg.fp_reduction import FalsePositiveFilter
+    run = tmp_path/'run'
+    assert train_main(['--data', str(prep), '--out', str(run), '--max-epochs', '1', '--set', 'data.context_slices=1', *TINY,
+                       '--set', 'fp_reduction.enabled=true', '--set', 'fp_reduction.steps=3', '--set', 'fp_reduction.batch_size=8',
+                       '--set', 'fp_reduction.mine_patients=2', '--set', 'fp_reduction.threshold=0.0']) == 0
+    path = run/'checkpoints'/'fp_reduction.pt'
+    fp = FalsePositiveFilter.load(path, dict(image_size=[64, 64], window='lung', pixel_mm=None))
+    assert fp.settings['steps'] == 3 and fp.settings['threshold'] == 0.0
+    used = evaluate_run(run, 'val', out_dir=tmp_path/'eval_fp')
+    assert used['fp_reduction'].startswith('checkpoints/fp_reduction.pt') and 'candidates' in used['fp_reduction']
+    assert evaluate_run(run, 'val', out_dir=tmp_path/'eval_plain', fp_reduction=False)['fp_reduction'] == 'off'
+    volume = next((prep.parent/'task'/'imagesTr').glob('*.nii.gz'))
+    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred', animation=False)['fp_reduction'] is True
+    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred2', animation=False, fp_reduction=False)['fp_reduction'] is False
+    # a classifier trained on other data is refused by name
+    with pytest.raises(LungsegError, match='image_size'): FalsePositiveFilter.load(path, dict(image_size=[128, 128], window='lung', pixel_mm=None))
