@@ -400,7 +400,7 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
         item = volumes[i]
         prob, truth, spacing = predict_probabilities(model, item['image'], batch_size, tta), item['mask'].numpy(), item['spacing_mm']
         if fp is not None:   # on the stored grid, where the classifier was trained
-            prob, counts = fp.suppress(prob, item['image'][:, item['image'].shape[1]//2].numpy(), spacing, threshold)
+            prob, counts = fp.refine(prob, item['image'][:, item['image'].shape[1]//2].numpy(), spacing, threshold)
             fp_counts.append(counts)
         if grid == 'original':
             from lung_tumor_seg.preprocessing import restore_mask
@@ -425,7 +425,8 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                    fp_reduction=(f"{Path(checkpoint).parent.name}/fp_reduction.pt: a 3D classifier of the predicted components on the stored grid "
                                  f"(patches of ±{fp.settings['patch_slices']//2*fp.settings['patch_z_mm']:g} mm) dropped "
                                  f"{sum(c['rejected'] for c in fp_counts)} of {sum(c['candidates'] for c in fp_counts)} candidates "
-                                 f"scored under {fp.settings['keep_score']}") if fp is not None else 'off',
+                                 f"scored under {fp.settings['keep_score']}; added {sum(c['recovered'] for c in fp_counts)} of "
+                                 f"{sum(c['blobs'] for c in fp_counts)} dense blobs the U-Net missed, scored at least {fp.settings['recall_score']}") if fp is not None else 'off',
                    patients=list(patients.patient), failed=[f"{volumes.patients[i]}: {m}" for i, m in result.failures],
                    **summarize_patients(patients, nodules))
     out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,7 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
     if expected is not None and expected != stack.shape[1]:
         raise LungsegError(f"model expects {expected} input channels, the input gives {stack.shape[1]} (context_slices={context_slices})")
     prob = predict_probabilities(model, stack, batch_size, tta)
-    if fp_filter is not None: prob = fp_filter.suppress(prob, image, tuple(meta['stored_spacing_mm']), threshold)[0]
+    if fp_filter is not None: prob = fp_filter.refine(prob, image, tuple(meta['stored_spacing_mm']), threshold)[0]
     prob = restore_mask(prob, meta)
     mask = remove_small_components(prob >= threshold, spacing_mm, min_volume_mm3)
     return mask, prob

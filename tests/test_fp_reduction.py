@@ -1,11 +1,11 @@
-"The false-positive reduction stage: patches on the stored grid, component centres, the training set, the filter's decisions, bad files."
+"The false-positive reduction stage: patches on the stored grid, component centres, dense blobs, the training set, the filter's decisions, bad files."
 import json
 from pathlib import Path
 import numpy as np, pytest, torch
 from torch import nn
 from lung_tumor_seg.core import LungsegError
 from lung_tumor_seg.fp_reduction import (candidate_patch, component_centres, candidate_set, FalsePositiveFilter, CandidateNet,
-                                         fp_filter_for, FP_FILE)
+                                         fp_filter_for, FP_FILE, dense_blobs, blob_segment, nodule_peak, mine_blobs)
 
 def test_patch_steps_in_mm_whatever_the_slice_spacing():
     ramp = np.broadcast_to(np.arange(30, dtype=np.float32)[:, None, None], (30, 8, 8)).copy()   # value = slice index
@@ -69,8 +69,57 @@ def test_candidate_set_labels_nodules_random_and_mined_points(tmp_path):
     folder = tmp_path/'patients'/'P1'; folder.mkdir(parents=True)
     np.save(folder/'image.npy', image); np.save(folder/'mask.npy', mask)
     (folder/'meta.json').write_text(json.dumps(dict(stored_spacing_mm=[2.0, 0.8, 0.8])))
-    settings = dict(patch_slices=5, patch_pixels=16, positive_copies=3, random_negatives=4, mined_copies=2)
-    patches, labels = candidate_set(tmp_path, ['P1'], {'P1': np.array([[6.0, 11.0, 11.0]])}, settings)
-    assert patches.shape == (6 + 4 + 2, 1, 5, 16, 16) and patches.dtype == torch.float16
-    assert labels.tolist() == [1]*6 + [0]*6
+    settings = dict(patch_slices=5, patch_pixels=16, positive_copies=3, peak_copies=2, random_negatives=4, mined_copies=2, blob_copies=1)
+    patches, labels = candidate_set(tmp_path, ['P1'], {'P1': np.array([[6.0, 11.0, 11.0]])}, settings,
+                                    blobs={'P1': np.array([[3.0, 11.0, 11.0], [9.0, 11.0, 11.0]])}, dense=0.6)
+    assert patches.shape == (10 + 4 + 2 + 2, 1, 5, 16, 16) and patches.dtype == torch.float16   # 2 nodules x (3 + 2), random, mined x 2, blobs
+    assert labels.tolist() == [1]*10 + [0]*8
+    assert mine_blobs(tmp_path, ['P1'], dict(blob_min_radius_mm=0.5), dense=0.6)['P1'].shape[1] == 3
     with pytest.raises(LungsegError, match='no training patches'): candidate_set(tmp_path, [], None, settings)
+
+def lungs_scene(spacing=(2.0, 0.8, 0.8)):
+    "Lung with a 10 mm ball and a 2 mm vessel through every slice, on an anisotropic grid; the ball's mask."
+    shape = (30, 80, 80)
+    zz, yy, xx = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    mm = lambda z, y, x: ((zz - z)*spacing[0])**2 + ((yy - y)*spacing[1])**2 + ((xx - x)*spacing[2])**2
+    vol = np.full(shape, 0.3, np.float32)
+    ball = mm(15, 30, 30) <= 25
+    vol[ball] = 0.9
+    vol[np.broadcast_to(((yy - 60)*spacing[1])**2 + ((xx - 50)*spacing[2])**2 <= 1, shape)] = 0.9
+    return vol, ball
+
+def test_dense_blobs_find_compact_lumps_not_thin_vessels():
+    vol, ball = lungs_scene()
+    centres, radii = dense_blobs(vol, (2.0, 0.8, 0.8), dense=0.6)
+    assert len(centres) == 1 and ball[tuple(np.round(centres[0]).astype(int))]
+    np.testing.assert_allclose(centres[0], [15, 30, 30], atol=1)
+    assert 4.0 <= radii[0] <= 5.5                                   # in mm, whatever the anisotropic spacing
+    assert len(dense_blobs(vol, (2.0, 0.8, 0.8), dense=0.6, min_radius_mm=6.0)[0]) == 0
+    assert len(dense_blobs(np.full((10, 20, 20), 0.3, np.float32), (1.0, 1.0, 1.0), dense=0.6)[0]) == 0
+
+def test_blob_segment_and_peak_of_a_nodule_touching_a_vessel():
+    vol, ball = lungs_scene()
+    vol[14:17, 30:33, 30:70] = 0.9                                  # a vessel leaving the nodule sideways
+    centres, radii = dense_blobs(vol, (2.0, 0.8, 0.8), dense=0.6)
+    seg = blob_segment(vol, (2.0, 0.8, 0.8), centres[0], radii[0], dense=0.6, grow=1.25)
+    dice = 2*(seg & ball).sum()/(seg.sum() + ball.sum())
+    assert dice > 0.85, dice                                        # the ball, not the vessel
+    assert not seg[:, :, 45:].any()
+    peak = nodule_peak(vol, ball, (2.0, 0.8, 0.8), dense=0.6)
+    np.testing.assert_allclose(peak, [15, 30, 30], atol=1)
+
+def test_recover_adds_missed_nodules_the_classifier_accepts():
+    vol, _ = scene()
+    fp = FalsePositiveFilter(EndsInZ(), dict(patch_slices=9, patch_z_mm=1.0, patch_pixels=16, min_volume_mm3=0, blob_min_radius_mm=1.5,
+                                             recall_score=0.7, dense_hu=-450))
+    nothing = np.zeros(vol.shape, np.float32)
+    found, counts = fp.recover(nothing, vol, (1.0, 1.0, 1.0))
+    assert counts == dict(blobs=2, recovered=1)                     # the ball and the tube are blobs; the ball ends in z
+    assert found[4, 16, 10] > 0.99 and found[:, :, 24:].max() == 0 and nothing.max() == 0
+    ball_predicted = (np.where(vol[None, 4] > 0.6, 0.8, 0.0) * (np.arange(48) < 24) * np.ones((9, 1, 1))).astype(np.float32)
+    again, counts = fp.recover(ball_predicted, vol, (1.0, 1.0, 1.0))
+    assert counts == dict(blobs=1, recovered=0)                     # blobs under the prediction are not looked at again
+    np.testing.assert_array_equal(again, ball_predicted)
+    fp.settings['recall_score'] = None
+    assert fp.recover(nothing, vol, (1.0, 1.0, 1.0))[1] == dict(blobs=0, recovered=0)
+    assert fp.dense == pytest.approx((-450 + 1350)/1500)
