@@ -316,6 +316,7 @@ class FalsePositiveFilter:
         "`prob` with the dense blobs it missed that the classifier scores at least `recall_score` added (at that score), and counts."
         from scipy import ndimage
         s, t = self.settings, self.settings['threshold'] if threshold is None else threshold
+        if prob.shape != image.shape: raise LungsegError(f"probability {prob.shape} and image {image.shape} differ in shape")
         if s.get('recall_score') is None: return prob, dict(blobs=0, recovered=0)
         centres, radii = dense_blobs(image, spacing_mm, self.dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
         predicted = prob >= t

@@ -123,3 +123,4 @@ def test_recover_adds_missed_nodules_the_classifier_accepts():
     fp.settings['recall_score'] = None
     assert fp.recover(nothing, vol, (1.0, 1.0, 1.0))[1] == dict(blobs=0, recovered=0)
     assert fp.dense == pytest.approx((-450 + 1350)/1500)
+    with pytest.raises(LungsegError, match='differ in shape'): fp.recover(nothing[:4], vol, (1.0, 1.0, 1.0))
