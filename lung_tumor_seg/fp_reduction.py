@@ -147,7 +147,7 @@ def dense_lung_points(image:np.ndarray,   # stored volume (z, H, W) in [0, 1]
 # %% ../nbs/08a_fp_reduction.ipynb #b3ad6390
 def dense_blobs(image:np.ndarray,        # stored volume (z, H, W) in [0, 1]
                 spacing_mm:tuple,        # stored spacing (dz, dy, dx)
-                dense:float,             # stored value of `dense_hu` (FalsePositiveFilter.dense_value)
+                dense:float,             # stored value of `dense_hu` (`dense_value`, `FalsePositiveFilter.dense`)
                 min_radius_mm:float=1.8, max_radius_mm:float=16.0,
                 spacing_between_mm:float=3.0, # a centre is the densest point within this distance
                 lung_share:float=0.3     # least share of less dense voxels in the 3 mm shell around a blob
@@ -222,11 +222,10 @@ def candidate_set(prep_dir:str|Path, patients:list,
             labels.append(label)
     for patient in patients:
         image, truth, spacing = _read_case(prep_dir, patient)
-        _, nodules = component_centres(truth)
+        truth_labels, nodules = component_centres(truth)
         for c in nodules: add(image, spacing, c, 1, s['positive_copies'])
-        if s['peak_copies']:
-            labels_, _ = component_centres(truth)
-            for k in range(1, len(nodules) + 1): add(image, spacing, nodule_peak(image, labels_ == k, spacing, dense), 1, s['peak_copies'])
+        for k in range(1, len(nodules) + 1 if s['peak_copies'] else 1):
+            add(image, spacing, nodule_peak(image, truth_labels == k, spacing, dense), 1, s['peak_copies'])
         for c in dense_lung_points(image, truth, s['random_negatives'], rng): add(image, spacing, c, 0, 1)
         for c in (mined or {}).get(patient, []): add(image, spacing, np.asarray(c), 0, s['mined_copies'])
         for c in (blobs or {}).get(patient, []): add(image, spacing, np.asarray(c), 0, s['blob_copies'])
@@ -353,7 +352,8 @@ class FalsePositiveFilter:
         except Exception as e: raise LungsegError(f"{path}: not a readable false-positive classifier ({type(e).__name__})") from None
         if not isinstance(state, dict) or state.get('format') != 1 or 'state_dict' not in state:
             raise LungsegError(f"{path}: not a lung_tumor_seg false-positive classifier")
-        settings = FP_DEFAULTS | dict(state.get('settings') or {})
+        saved = dict(state.get('settings') or {})
+        settings = FP_DEFAULTS | dict(recall_score=saved.get('recall_score')) | saved   # classifiers saved before the search: search off
         for key in ('image_size', 'window', 'pixel_mm'):
             have, want = (state.get('preprocess') or {}).get(key), (preprocess or {}).get(key)
             norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v

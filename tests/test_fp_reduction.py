@@ -59,6 +59,9 @@ def test_saved_filter_round_trip_and_bad_files(tmp_path):
     with pytest.raises(LungsegError, match='pixel_mm'): FalsePositiveFilter.load(path, dict(image_size=[64, 64], window='lung', pixel_mm=0.7))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(LungsegError, match=f'{FP_FILE}: not a readable'): FalsePositiveFilter.load(path)
+    torch.save(dict(format=1, state_dict=CandidateNet(2).state_dict(), settings=dict(width=2)), path)   # saved before the search
+    assert FalsePositiveFilter.load(path).settings['recall_score'] is None
+    assert FalsePositiveFilter.load(fp.save(path)).settings['recall_score'] == 0.7
     torch.save(dict(format=1, state_dict={'x': torch.zeros(1)}, settings={}), path)
     with pytest.raises(LungsegError, match='weights do not match'): FalsePositiveFilter.load(path)
 
