@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from .core import LungsegError, atomic_path
 
 # %% auto #0
-__all__ = ['FP_DEFAULTS', 'FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives', 'mine_blobs',
+__all__ = ['FP_DEFAULTS', 'FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives',
            'dense_lung_points', 'dense_blobs', 'blob_segment', 'nodule_peak', 'dense_value', 'candidate_set',
-           'train_candidate_net', 'FalsePositiveFilter', 'train_fp_reduction', 'fp_filter_for']
+           'train_candidate_net', 'FalsePositiveFilter', 'mine_blobs', 'train_fp_reduction', 'fp_filter_for']
 
 # %% ../nbs/08a_fp_reduction.ipynb #3725b8fb
 FP_DEFAULTS = dict(
@@ -113,20 +113,6 @@ def mine_false_positives(model:torch.nn.Module, # trained U-Net (`SegModule`)
         labels, centres = component_centres(remove_small_components(prob >= threshold, spacing, min_volume_mm3))
         hit = np.unique(labels[truth & (labels > 0)])
         out[patient] = centres[~np.isin(np.arange(1, len(centres) + 1), hit)]
-    return out
-
-# %% ../nbs/08a_fp_reduction.ipynb #cf497241
-def mine_blobs(prep_dir:str|Path, patients:list, settings:dict|None=None, dense:float|None=None) -> dict:
-    "Per patient, the `(n, 3)` dense blobs (`dense_blobs`) that touch no ground-truth tumour: hard negatives for the search."
-    from scipy import ndimage
-    s = FP_DEFAULTS | (settings or {})
-    dense = dense_value(s['dense_hu']) if dense is None else dense
-    out = {}
-    for patient in patients:
-        image, truth, spacing = _read_case(prep_dir, patient)
-        centres, _ = dense_blobs(image, spacing, dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
-        near = ndimage.binary_dilation(truth, iterations=2) if truth.any() else truth
-        out[patient] = np.array([c for c in centres if not near[tuple(np.round(c).astype(int))]]).reshape(-1, 3)
     return out
 
 # %% ../nbs/08a_fp_reduction.ipynb #42f44ca6
@@ -363,6 +349,20 @@ class FalsePositiveFilter:
         try: net.load_state_dict(state['state_dict'])
         except RuntimeError as e: raise LungsegError(f"{path}: weights do not match the classifier ({str(e).splitlines()[0]})") from None
         return cls(net, settings, state.get('preprocess'))
+
+# %% ../nbs/08a_fp_reduction.ipynb #cf497241
+def mine_blobs(prep_dir:str|Path, patients:list, settings:dict|None=None, dense:float|None=None) -> dict:
+    "Per patient, the `(n, 3)` dense blobs (`dense_blobs`) that touch no ground-truth tumour: hard negatives for the search."
+    from scipy import ndimage
+    s = FP_DEFAULTS | (settings or {})
+    dense = dense_value(s['dense_hu']) if dense is None else dense
+    out = {}
+    for patient in patients:
+        image, truth, spacing = _read_case(prep_dir, patient)
+        centres, _ = dense_blobs(image, spacing, dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
+        near = ndimage.binary_dilation(truth, iterations=2) if truth.any() else truth
+        out[patient] = np.array([c for c in centres if not near[tuple(np.round(c).astype(int))]]).reshape(-1, 3)
+    return out
 
 # %% ../nbs/08a_fp_reduction.ipynb #0faf0934
 FP_FILE = 'fp_reduction.pt'   # beside the U-Net checkpoints: RUN_DIR/checkpoints/fp_reduction.pt
