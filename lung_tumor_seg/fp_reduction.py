@@ -151,6 +151,15 @@ def dense_blobs(image:np.ndarray,        # stored volume (z, H, W) in [0, 1]
             for box, shell in (_shell(image.shape, c, r, r + 3.0, spacing_mm) for c, r in zip(centres, radii))]
     return centres[np.array(keep, bool)], radii[np.array(keep, bool)]
 
+def _blobs_away_from(image, spacing_mm, dense, settings, avoid):
+    "`dense_blobs` with the settings' parameters, without those within 2 voxels of the binary volume `avoid`."
+    from scipy import ndimage
+    s = settings
+    centres, radii = dense_blobs(image, spacing_mm, dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
+    near = ndimage.binary_dilation(avoid, iterations=2) if avoid.any() else avoid
+    away = np.array([not near[tuple(np.round(c).astype(int))] for c in centres], bool).reshape(-1)
+    return centres[away], radii[away]
+
 def _ball_box(shape, centre, radius_mm, spacing_mm):
     "The box around a ball of `radius_mm` at `centre`, and each voxel's distance from the centre in mm."
     half = np.ceil(radius_mm/np.asarray(spacing_mm)).astype(int)
@@ -210,8 +219,8 @@ def candidate_set(prep_dir:str|Path, patients:list,
         image, truth, spacing = _read_case(prep_dir, patient)
         truth_labels, nodules = component_centres(truth)
         for c in nodules: add(image, spacing, c, 1, s['positive_copies'])
-        for k in range(1, len(nodules) + 1 if s['peak_copies'] else 1):
-            add(image, spacing, nodule_peak(image, truth_labels == k, spacing, dense), 1, s['peak_copies'])
+        if s['peak_copies']:
+            for k in range(1, len(nodules) + 1): add(image, spacing, nodule_peak(image, truth_labels == k, spacing, dense), 1, s['peak_copies'])
         for c in dense_lung_points(image, truth, s['random_negatives'], rng): add(image, spacing, c, 0, 1)
         for c in (mined or {}).get(patient, []): add(image, spacing, np.asarray(c), 0, s['mined_copies'])
         for c in (blobs or {}).get(patient, []): add(image, spacing, np.asarray(c), 0, s['blob_copies'])
@@ -274,8 +283,10 @@ class FalsePositiveFilter:
     @torch.no_grad()
     def score_points(self, image:np.ndarray, centres:np.ndarray, slice_mm:float, batch:int=128) -> np.ndarray:
         "The classifier's probability of a nodule at each `(slice, row, column)` of `centres`."
-        out = [torch.sigmoid(self.net(torch.from_numpy(np.stack([candidate_patch(image, c, slice_mm, **self.shape) for c in centres[k:k + batch]])[:, None])).float()).numpy()
-               for k in range(0, len(centres), batch)]
+        out = []
+        for k in range(0, len(centres), batch):
+            patches = np.stack([candidate_patch(image, c, slice_mm, **self.shape) for c in centres[k:k + batch]])
+            out.append(torch.sigmoid(self.net(torch.from_numpy(patches[:, None])).float()).numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def suppress(self, prob:np.ndarray,      # tumour probability on the stored grid (z, H, W)
@@ -299,20 +310,16 @@ class FalsePositiveFilter:
 
     def recover(self, prob:np.ndarray, image:np.ndarray, spacing_mm:tuple, threshold:float|None=None) -> tuple:
         "`prob` with the dense blobs it missed that the classifier scores at least `recall_score` added (at that score), and counts."
-        from scipy import ndimage
         s, t = self.settings, self.settings['threshold'] if threshold is None else threshold
         if prob.shape != image.shape: raise LungsegError(f"probability {prob.shape} and image {image.shape} differ in shape")
-        if s.get('recall_score') is None: return prob, dict(blobs=0, recovered=0)
-        centres, radii = dense_blobs(image, spacing_mm, self.dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
-        predicted = prob >= t
-        near = ndimage.binary_dilation(predicted, iterations=2) if predicted.any() else predicted
-        new = np.array([not near[tuple(np.round(c).astype(int))] for c in centres], bool).reshape(-1)
-        centres, radii = centres[new], radii[new]
+        if s['recall_score'] is None: return prob, dict(blobs=0, recovered=0)
+        dense = self.dense
+        centres, radii = _blobs_away_from(image, spacing_mm, dense, s, prob >= t)
         score = self.score_points(image, centres, spacing_mm[0])
         out = prob.copy()
         for c, r, p in zip(centres, radii, score):
             if p >= s['recall_score']:
-                seg = blob_segment(image, spacing_mm, c, r, self.dense, s['blob_grow'])
+                seg = blob_segment(image, spacing_mm, c, r, dense, s['blob_grow'])
                 out[seg] = np.maximum(out[seg], p)
         return out, dict(blobs=int(len(centres)), recovered=int((score >= s['recall_score']).sum()))
 
@@ -353,15 +360,12 @@ class FalsePositiveFilter:
 # %% ../nbs/08a_fp_reduction.ipynb #cf497241
 def mine_blobs(prep_dir:str|Path, patients:list, settings:dict|None=None, dense:float|None=None) -> dict:
     "Per patient, the `(n, 3)` dense blobs (`dense_blobs`) that touch no ground-truth tumour: hard negatives for the search."
-    from scipy import ndimage
     s = FP_DEFAULTS | (settings or {})
     dense = dense_value(s['dense_hu']) if dense is None else dense
     out = {}
     for patient in patients:
         image, truth, spacing = _read_case(prep_dir, patient)
-        centres, _ = dense_blobs(image, spacing, dense, s['blob_min_radius_mm'], s['blob_max_radius_mm'], s['blob_spacing_mm'], s['blob_lung_share'])
-        near = ndimage.binary_dilation(truth, iterations=2) if truth.any() else truth
-        out[patient] = np.array([c for c in centres if not near[tuple(np.round(c).astype(int))]]).reshape(-1, 3)
+        out[patient] = _blobs_away_from(image, spacing, dense, s, truth)[0]
     return out
 
 # %% ../nbs/08a_fp_reduction.ipynb #0faf0934
@@ -383,7 +387,7 @@ def train_fp_reduction(checkpoint:str|Path,   # the trained U-Net
     if verbose: print(f"candidate classifier: {sum(map(len, mined.values()))} false positives of the U-Net mined on "
                       f"{len(mine)} training patients in {time.perf_counter() - t0:.0f} s")
     dense = dense_value(s['dense_hu'], (model.hparams.get('preprocess') or {}).get('window', 'lung'))
-    blobs = mine_blobs(prep_dir, mine, s, dense) if s.get('recall_score') is not None else {}
+    blobs = mine_blobs(prep_dir, mine, s, dense) if s['recall_score'] is not None else {}
     if verbose and blobs: print(f"candidate classifier: {sum(map(len, blobs.values()))} dense blobs that are not nodules on the same patients")
     patches, labels = candidate_set(prep_dir, train_patients, mined, s, blobs, dense)
     if verbose: print(f"candidate classifier: {len(labels)} patches ({int(labels.sum())} of nodules)")
