@@ -152,15 +152,15 @@ def load_read(path:str|Path) -> dict:
 
 # %% ../nbs/02_annotations.ipynb #55dc0b26
 def series_index(dicom_root:str|Path # folder searched for DICOM series
-                ) -> dict[str, Path]:
-    "Map `SeriesInstanceUID -> folder` of every series under `dicom_root`, from the cached local series index."
+                ) -> dict[str, list]:
+    "Map `SeriesInstanceUID -> files` of every series under `dicom_root`, from the cached local series index."
     from lung_tumor_seg.series_index import build_series_index
     index = build_series_index(dicom_root)
-    return dict(zip(index.series_uid, map(Path, index.path)))
+    return {uid: [Path(f) for f in files] for uid, files in zip(index.series_uid, index.files)}
 
 # %% ../nbs/02_annotations.ipynb #7fce139e
-def find_series(dicom_root:str|Path, series_uid:str, index:dict|None=None, source:str='') -> Path:
-    "Folder of series `series_uid` under `dicom_root` (pass a prebuilt `index` to avoid rescanning)."
+def find_series(dicom_root:str|Path, series_uid:str, index:dict|None=None, source:str='') -> list:
+    "Files of series `series_uid` under `dicom_root` (pass a prebuilt `index` to avoid rescanning)."
     index = series_index(dicom_root) if index is None else index
     if series_uid not in index:
         raise LungsegError(f"{source + ': ' if source else ''}series {series_uid} not found under {dicom_root}")
@@ -168,14 +168,14 @@ def find_series(dicom_root:str|Path, series_uid:str, index:dict|None=None, sourc
 
 # %% ../nbs/02_annotations.ipynb #553d33bf
 def _slice_locator(series:DicomSeries, z_tol_mm:float):
-    "Function `(sop_uid, z_mm) -> (slice_index, how)` for a series; `(None, None)` when no slice matches."
-    by_uid = {uid: k for k, uid in enumerate(series.sop_uids)}
+    "Function `(sop_uid, z_mm) -> (slice_index, how)` for a series, indices on its regular z grid; `(None, None)` when no slice matches."
+    by_uid = {uid: int(k) for uid, k in zip(series.sop_uids, series.slice_index)}
     z_img = np.array([float(h.ImagePositionPatient[2]) for h in series.headers])
     def locate(sop_uid, z_mm):
         if sop_uid in by_uid: return by_uid[sop_uid], 'sop_uid'
         if z_mm is None: return None, None
         k = int(np.argmin(np.abs(z_img - z_mm)))
-        return (k, 'z_mm') if abs(z_img[k] - z_mm) <= z_tol_mm else (None, None)
+        return (int(series.slice_index[k]), 'z_mm') if abs(z_img[k] - z_mm) <= z_tol_mm else (None, None)
     return locate, z_img
 
 # %% ../nbs/02_annotations.ipynb #6dfe26f1
@@ -192,7 +192,8 @@ def align_read(read:dict,              # a read from `parse_lidc_xml` (not modif
     locate, z_img = _slice_locator(series, z_tol_mm)
     out = copy.deepcopy(read)
     out.update(patient_id=series.patient_id, study_uid=series.study_uid)
-    report = dict(n_slices=len(z_img), z_tol_mm=float(z_tol_mm), matched_by_sop_uid=0, matched_by_z=0, fallbacks=[], unmatched=[])
+    report = dict(n_slices=len(z_img), z_tol_mm=float(z_tol_mm), matched_by_sop_uid=0, matched_by_z=0, fallbacks=[], unmatched=[],
+                  gaps=series.gap_notes)
     def place(item, kind, reader_id, id_key, id_value):
         k, how = locate(item['sop_uid'], item['z_mm'])
         entry = dict(file=src, reader_id=reader_id, kind=kind, **{id_key: id_value}, z_mm=item['z_mm'], sop_uid=item['sop_uid'])

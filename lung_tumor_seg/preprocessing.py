@@ -207,9 +207,9 @@ class Case:
     load: callable = field(repr=False)  # () -> (Volume, uint8 mask (z, y, x))
 
 # %% ../nbs/05_preprocessing.ipynb #285371a3
-def _lidc_load(series_dir:Path, mask_file:Path) -> tuple:
+def _lidc_load(series_files:list, series_uid:str, mask_file:Path) -> tuple:
     "(Volume, mask) of a DICOM series and its consensus mask, both on the L, P, S grid."
-    series = read_series(series_dir)
+    series = read_series(series_files, series_uid)
     if not mask_file.exists(): raise LungsegError(f"{mask_file}: mask not found (run `lungseg masks`)")
     vol = series_volume(series)
     try: labels = np.load(mask_file, mmap_mode='r')
@@ -220,29 +220,25 @@ def _lidc_load(series_dir:Path, mask_file:Path) -> tuple:
         (np.asarray(labels) > 0).astype(np.uint8), series.geometry.affine)
     return vol, mask
 
-def _mask_key(folder, mask_dir):
-    "(PatientID, SeriesUID) of a series folder with a mask folder: from the folder names, else from its first DICOM header."
-    if (mask_dir/f'{folder.parts[-3]}_{folder.name}').is_dir(): return folder.parts[-3], folder.name
-    first = next((f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in ('.dcm', '')), None)
-    try: h = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=['PatientID', 'SeriesInstanceUID'])
-    except Exception: return None
-    key = (str(h.get('PatientID', '')), str(h.get('SeriesInstanceUID', '')))
-    return key if all(key) and (mask_dir/'_'.join(key)).is_dir() else None
-
-def lidc_cases(dicom_root:str|Path, mask_dir:str|Path) -> list:
+def lidc_cases(dicom_root:str|Path, # any layout: series are found by the series index, by SeriesInstanceUID
+               mask_dir:str|Path    # MASK_DIR of `lungseg masks`: one <PatientID>_<SeriesUID> folder per series
+              ) -> list:
     "Cases of the series under `dicom_root` that have a consensus mask in `mask_dir`."
+    from lung_tumor_seg.series_index import build_series_index
     dicom_root, mask_dir = Path(dicom_root), Path(mask_dir)
     if not dicom_root.is_dir(): raise LungsegError(f"{dicom_root}: DICOM root not found")
     if not mask_dir.is_dir(): raise LungsegError(f"{mask_dir}: mask folder not found (run `lungseg masks`)")
+    index = build_series_index(dicom_root)
     per_patient, skipped = {}, 0
-    for folder in sorted(p for p in dicom_root.glob('*/*/*') if p.is_dir()):
-        key = _mask_key(folder, mask_dir)
-        if key is None: skipped += 1
-        else: per_patient.setdefault(key[0], []).append((folder, mask_dir/'_'.join(key)/'consensus.npy'))
-    if not per_patient: raise LungsegError(f"{mask_dir}: no mask folder <PatientID>_<SeriesUID> matches a series under {dicom_root}")
-    if skipped: print(f"{dicom_root}: {skipped} series folder(s) without a mask in {mask_dir} left out", file=sys.stderr)
-    return [Case(pid if len(found) == 1 else f'{pid}_{folder.name}', pid, functools.partial(_lidc_load, folder, mask_file))
-            for pid, found in per_patient.items() for folder, mask_file in found]
+    for row in index.itertuples():
+        found = mask_dir/f'{row.patient_id}_{row.series_uid}'
+        if found.is_dir(): per_patient.setdefault(row.patient_id, []).append((row, found/'consensus.npy'))
+        else: skipped += 1
+    if not per_patient: raise LungsegError(f"{mask_dir}: no mask folder <PatientID>_<SeriesUID> matches any of the {len(index)} series under {dicom_root}")
+    if skipped: print(f"{dicom_root}: {skipped} series without a mask in {mask_dir} left out", file=sys.stderr)
+    return [Case(pid if len(found) == 1 else f'{pid}_{row.series_uid}', pid,
+                 functools.partial(_lidc_load, [Path(f) for f in row.files], row.series_uid, mask_file))
+            for pid, found in per_patient.items() for row, mask_file in found]
 
 # %% ../nbs/05_preprocessing.ipynb #c92e1ab0
 def _task06_load(image:Path, label:Path, binarize:bool) -> tuple:

@@ -4,36 +4,37 @@
 
 # %% ../nbs/01b_series_index.ipynb #794a037f
 from __future__ import annotations
-import os, json, hashlib, warnings
+import os, json, shutil, hashlib, warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import pydicom
-from .core import LungsegError, atomic_path, data_dir
+from .core import LungsegError, atomic_path, data_dir, is_dicom_file
 from .download import download
 
 # %% auto #0
-__all__ = ['INDEX_COLUMNS', 'series_folders', 'default_index_cache', 'build_series_index', 'missing_series', 'resolve_series']
+__all__ = ['INDEX_COLUMNS', 'LAYOUTS', 'series_folders', 'default_index_cache', 'build_series_index', 'copy_as_layout',
+           'missing_series', 'resolve_series']
 
 # %% ../nbs/01b_series_index.ipynb #9a778450
 def series_folders(root:str|Path) -> dict:
-    "Folder -> (signature, first .dcm file, number of .dcm files) of every folder under `root` holding `.dcm` files."
+    "Folder -> (signature, names of its visible files) of every folder under `root` holding files, at any depth."
     out, stack = {}, [Path(root)]
     while stack:
         folder = stack.pop()
         try: entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError: continue
-        dicoms = [e for e in entries if e.name.lower().endswith('.dcm') and not e.name.startswith('.') and e.is_file()]
+        files = [e for e in entries if not e.name.startswith('.') and e.name != 'DICOMDIR' and e.is_file()]
         stack += [Path(e.path) for e in reversed(entries) if e.is_dir() and not e.name.startswith('.')]
-        if dicoms:
-            first = dicoms[0].stat()
-            signature = [folder.stat().st_mtime_ns, len(dicoms), dicoms[0].name, first.st_size, first.st_mtime_ns]
-            out[str(folder)] = (signature, dicoms[0].path, len(dicoms))
+        if files:
+            stats = [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files]
+            signature = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
+            out[str(folder)] = (signature, [e.name for e in files])
     return out
 
 # %% ../nbs/01b_series_index.ipynb #23d1a3fd
-INDEX_COLUMNS = ['patient_id', 'study_uid', 'series_uid', 'modality', 'slice_count', 'path']
-_INDEX_VERSION = 1
+INDEX_COLUMNS = ['patient_id', 'study_uid', 'series_uid', 'modality', 'slice_count', 'path', 'files']
+_INDEX_VERSION = 2
 
 def default_index_cache(dicom_root:str|Path) -> Path:
     "Cache file of the index of `dicom_root` under `data_dir()/cache`."
@@ -41,45 +42,91 @@ def default_index_cache(dicom_root:str|Path) -> Path:
     return data_dir()/'cache'/f'series_index_{key}.json'
 
 # %% ../nbs/01b_series_index.ipynb #50d07597
-def _read_entry(first_file:str, count:int, folder:str) -> dict|None:
-    try: h = pydicom.dcmread(first_file, stop_before_pixels=True,
-                             specific_tags=['PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality'])
-    except Exception: return None
-    if 'SeriesInstanceUID' not in h: return None
-    return dict(patient_id=str(h.get('PatientID', '')), study_uid=str(h.get('StudyInstanceUID', '')),
-                series_uid=str(h.SeriesInstanceUID), modality=str(h.get('Modality', '')), slice_count=count, path=folder)
+_TAGS = ['PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'SOPInstanceUID']
+
+def _read_folder(folder:str, names:list) -> dict:
+    "Series UID -> {patient_id, study_uid, modality, files: [(name, sop_uid)]} of the DICOM files of one folder, and the skipped count."
+    series, skipped = {}, 0
+    for name in names:
+        path = os.path.join(folder, name)
+        h = None
+        if is_dicom_file(path):
+            try: h = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_TAGS)
+            except Exception: h = None
+        if h is None or 'SeriesInstanceUID' not in h: skipped += 1; continue
+        s = series.setdefault(str(h.SeriesInstanceUID), dict(patient_id=str(h.get('PatientID', '') or ''),
+                              study_uid=str(h.get('StudyInstanceUID', '')), modality=str(h.get('Modality', '')), files=[]))
+        s['files'].append((name, str(h.get('SOPInstanceUID', ''))))
+    return dict(series=series, skipped=skipped)
 
 # %% ../nbs/01b_series_index.ipynb #1cf32631
-def build_series_index(dicom_root:str|Path, # folder to scan (any depth)
+def _load_cache(cache_path, root) -> dict:
+    try:
+        data = json.loads(cache_path.read_text())
+        if data.get('version') == _INDEX_VERSION and data.get('root') == str(root.resolve()): return data['folders']
+    except (OSError, ValueError, KeyError, AttributeError): pass
+    return {}
+
+def _series_rows(folders:dict) -> tuple:
+    "One row per SeriesInstanceUID over all folders (files deduplicated by SOPInstanceUID), and the number of copies dropped."
+    merged, dropped = {}, 0
+    for folder in sorted(folders):
+        for uid, s in folders[folder]['series'].items():
+            row = merged.setdefault(uid, dict(patient_id=s['patient_id'], study_uid=s['study_uid'], series_uid=uid,
+                                              modality=s['modality'], sops=set(), files=[]))
+            for name, sop in s['files']:
+                if sop and sop in row['sops']: dropped += 1; continue
+                row['sops'].add(sop); row['files'].append(os.path.join(folder, name))
+    rows = []
+    for row in merged.values():
+        files = row.pop('files'); row.pop('sops')
+        rows.append(dict(row, slice_count=len(files), path=os.path.commonpath([os.path.dirname(f) for f in files]), files=files))
+    return rows, dropped
+
+def build_series_index(dicom_root:str|Path, # folder to scan (any depth, any layout, any file names)
                        cache:str|Path|bool|None=True, # cache file; True: `default_index_cache(dicom_root)`; None/False: no cache
                        workers:int=4) -> pd.DataFrame:
-    "Index of the DICOM series under `dicom_root` (one header read per series folder), cached and refreshed on change."
+    "Index of the DICOM series under `dicom_root`, grouped by SeriesInstanceUID (headers only), cached and refreshed on change."
     root = Path(dicom_root)
     if not root.is_dir(): raise LungsegError(f"{root}: DICOM folder not found")
     cache_path = default_index_cache(root) if cache is True else (Path(cache) if cache else None)
-    cached = {}
-    if cache_path and cache_path.exists():
-        try:
-            data = json.loads(cache_path.read_text())
-            if data.get('version') == _INDEX_VERSION and data.get('root') == str(root.resolve()): cached = data['folders']
-        except (OSError, ValueError, KeyError): cached = {}
+    cached = _load_cache(cache_path, root) if cache_path and cache_path.exists() else {}
     folders = series_folders(root)
-    keep = {f: cached[f] for f, (sig, _, _) in folders.items() if f in cached and cached[f]['signature'] == sig}
+    keep = {f: cached[f] for f, (sig, _) in folders.items() if f in cached and cached[f]['signature'] == sig}
     todo = [f for f in folders if f not in keep]
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        entries = list(ex.map(lambda f: _read_entry(folders[f][1], folders[f][2], f), todo))
-    for f, entry in zip(todo, entries): keep[f] = dict(signature=folders[f][0], entry=entry)
+        for f, entry in zip(todo, ex.map(lambda f: _read_folder(f, folders[f][1]), todo)):
+            keep[f] = dict(signature=folders[f][0], **entry)
     if cache_path and (todo or len(keep) != len(cached)):
         with atomic_path(cache_path) as tmp:
             tmp.write_text(json.dumps(dict(version=_INDEX_VERSION, root=str(root.resolve()), folders=keep)))
-    rows = [v['entry'] for v in keep.values() if v['entry']]
-    index = pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values(['patient_id', 'study_uid', 'series_uid', 'path'], ignore_index=True)
-    dupes = index[index.series_uid.duplicated()]
-    if len(dupes):
-        warnings.warn(f"{root}: series {dupes.series_uid.iloc[0]} found in {index.series_uid.duplicated(keep=False).sum()} folders; keeping the first")
-        index = index.drop_duplicates('series_uid', ignore_index=True)
-    index.attrs.update(root=str(root), headers_read=len(todo))
+    rows, dropped = _series_rows(keep)
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values(['patient_id', 'study_uid', 'series_uid'], ignore_index=True)
+    if dropped: warnings.warn(f"{root}: {dropped} file(s) repeat a SOPInstanceUID already indexed (copies of a series): kept once")
+    index.attrs.update(root=str(root), folders_read=len(todo), headers_read=sum(len(folders[f][1]) for f in todo),
+                       files=sum(len(n) for _, n in folders.values()), skipped=sum(v['skipped'] for v in keep.values()))
     return index
+
+# %% ../nbs/01b_series_index.ipynb #50bbfec9
+LAYOUTS = {  # how other tools lay out a series: folders and file name from the header and the slice's rank
+    'nbia_classic':     lambda h, k: f"LIDC-IDRI/{h.PatientID}/{h.StudyInstanceUID}/{h.SeriesInstanceUID}/{h.SOPInstanceUID}.dcm",
+    'nbia_descriptive': lambda h, k: (f"LIDC-IDRI/{h.PatientID}/{h.get('StudyDate', '') or 'NA'}-NA-{str(h.StudyInstanceUID)[-5:]}/"
+                                      f"{h.get('SeriesNumber', '') or 'NA'}.000000-NA-{str(h.SeriesInstanceUID)[-5:]}/1-{k + 1:03d}.dcm"),
+    'patient_series':   lambda h, k: f"{h.PatientID}/{h.SeriesInstanceUID}/IM{k + 1:05d}",
+    'dcmtk_flat':       lambda h, k: f"CT.{h.SOPInstanceUID}",
+}
+
+def copy_as_layout(files:list,       # DICOM files of one or more series
+                   dest:str|Path,    # root to write under
+                   layout:str        # key of `LAYOUTS`
+                  ) -> list:
+    "Copy DICOM files under `dest` as another tool lays them out (for tests, examples and the benchmark); returns the new paths."
+    if layout not in LAYOUTS: raise LungsegError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    out = []
+    for k, f in enumerate(sorted(files, key=lambda p: Path(p).name)):
+        target = Path(dest)/LAYOUTS[layout](pydicom.dcmread(f, stop_before_pixels=True, force=True), k)
+        target.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(f, target); out.append(target)
+    return out
 
 # %% ../nbs/01b_series_index.ipynb #347b3043
 def missing_series(series_uids, index:pd.DataFrame) -> list:

@@ -127,10 +127,10 @@ def test_sample_071_exclusions():
 def test_sample_alignment_by_sop_uid():
     read = parse_lidc_xml(sample_xml('LIDC-IDRI-0001'))
     folder = find_series(sample_dir(), read['series_uid'])
-    headers = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in folder.glob('*.dcm'))}
+    headers = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in folder)}
     series = read_series(folder)
     aligned = align_read(read, series)
-    assert aligned['patient_id'] == 'LIDC-IDRI-0001' == folder.parents[1].name   # from DICOM, not from 69.xml
+    assert aligned['patient_id'] == 'LIDC-IDRI-0001' == folder[0].parents[2].name   # from DICOM, not from 69.xml
     rois = [r for s in read['reading_sessions'] for n in s['nodules'] for r in n['rois']]
     points = rois + [nn for s in read['reading_sessions'] for nn in s['non_nodules']]
     in_series = sum(p['sop_uid'] in headers for p in points)

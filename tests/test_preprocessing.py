@@ -40,7 +40,7 @@ def lidc_root(root, patients):
     "DICOM root <PatientID>/<Study>/<Series>/*.dcm and mask folder <PatientID>_<SeriesUID>/consensus.npy for {pid: (hu, mask, kw)}."
     for pid, (hu, mask, kw) in patients.items():
         folder = write_series(Path(root)/'dicom'/pid/'study'/'series', hu, patient=pid, **kw)
-        uid = folder.name
+        uid = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID
         (Path(root)/'masks'/f'{pid}_{uid}').mkdir(parents=True)
         np.save(Path(root)/'masks'/f'{pid}_{uid}'/'consensus.npy', mask)
     return Path(root)/'dicom', Path(root)/'masks'
@@ -90,7 +90,7 @@ def test_task06_bad_labels_are_refused_or_explicitly_corrected(tmp_path):
     save_nifti(np.zeros((8, 32, 30), np.uint8), aff, tmp_path/'narrow.nii.gz')
     with pytest.raises(LungsegError, match='does not match its image'): nifti_mask(tmp_path/'narrow.nii.gz', img)
 
-def test_lidc_cli_keeps_going_past_bad_series_and_names_them(tmp_path):
+def test_lidc_cli_keeps_going_past_bad_series_and_names_them(tmp_path, capfd):
     good_hu, good_mask = toy_chest(n_slices=16, size=48, seed=0)
     def drop_slice(k, ds):
         if k == 7: ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], ds.ImagePositionPatient[2] + 2.5]
@@ -105,11 +105,12 @@ def test_lidc_cli_keeps_going_past_bad_series_and_names_them(tmp_path):
     })
     rc, out, err = run_cli(['--dicom', dicom, '--masks', masks, '--out', tmp_path/'prep', '--size', 32])
     assert rc == 1
-    assert 'P2' in err and 'missing slices' in err
+    warned = err + capfd.readouterr().err   # warnings of worker processes go to the process's stderr
+    assert 'P2' in warned and '1 missing slice(s) between z' in warned          # the gap is processed, and said
     assert 'P3' in err and 'PixelSpacing differs' in err
     assert 'P4' in err and 'does not match the CT series' in err
     assert 'P5' in err and 'not an axial series' in err
-    assert sorted(p.name for p in (tmp_path/'prep'/'patients').iterdir()) == ['P1']
+    assert sorted(p.name for p in (tmp_path/'prep'/'patients').iterdir()) == ['P1', 'P2']
     stored = np.load(tmp_path/'prep'/'patients'/'P1'/'mask.npy')
     assert stored.dtype == np.uint8 and set(np.unique(stored)) <= {0, 1} and stored.sum() > 0
 
@@ -138,11 +139,11 @@ def test_seed_slab_rule_warns_about_the_nodule_slices_it_drops(tmp_path):
     hu, mask = toy_chest(n_slices=36, size=48, seed=2)
     mask[4, 20:23, 20:23] = 1
     dicom, masks = lidc_root(tmp_path, {'P1': (hu, mask, {})})
-    (tmp_path/'dicom'/'P9'/'study'/'xray').mkdir(parents=True)          # a series folder without mask: left out, counted
+    write_series(tmp_path/'dicom'/'P9'/'study'/'xray', hu[:4], patient='P9')   # a series without mask: left out, counted
     rc, _, err = run_cli(['--dicom', dicom, '--masks', masks, '--out', tmp_path/'prep', '--slab', 'skip30', '--size', 32])
     assert rc == 0, err
     assert 'P1: warning:' in err and 'nodule slices dropped' in err
-    assert '1 series folder(s) without a mask' in err
+    assert '1 series without a mask' in err
     assert json.loads((tmp_path/'prep'/'patients'/'P1'/'meta.json').read_text())['z_range'] == [30, 36]
 
 def test_series_folders_named_otherwise_are_matched_by_their_dicom_ids(tmp_path):

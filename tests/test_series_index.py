@@ -25,15 +25,16 @@ def test_index_rows_match_the_written_series(tmp_path):
     (tmp_path/'raw'/'SYNTH-0001'/'notes.txt').write_text('not DICOM')
     index = build_series_index(tmp_path/'raw', cache=None)
     assert list(index.columns) == INDEX_COLUMNS
-    assert [tuple(r) for r in index.itertuples(index=False)] == truth
-    assert index.attrs['headers_read'] == len(truth)
+    assert [tuple(r) for r in index.drop(columns='files').itertuples(index=False)] == truth
+    assert [sorted(Path(f).parent for f in files) == [Path(p)]*n for files, p, n in zip(index.files, index.path, index.slice_count)]
+    assert index.attrs['folders_read'] == len(truth) + 1 and index.attrs['skipped'] == 1   # the notes' folder, looked at and skipped
 
 
 def test_cache_is_reused_and_refreshed_on_change(tmp_path):
     truth = _write_archive(tmp_path/'raw')
     cache = tmp_path/'cache'/'index.json'
     first = build_series_index(tmp_path/'raw', cache=cache)
-    assert cache.exists() and first.attrs['headers_read'] == len(truth)
+    assert cache.exists() and first.attrs['folders_read'] == len(truth) and first.attrs['headers_read'] == sum(r[4] for r in truth)
     second = build_series_index(tmp_path/'raw', cache=cache)
     assert second.attrs['headers_read'] == 0 and second.equals(first)
     # slices added to one series, one series removed, one series added
@@ -43,7 +44,7 @@ def test_cache_is_reused_and_refreshed_on_change(tmp_path):
     shutil.rmtree(truth[-1][5])
     new = write_tiny_series(tmp_path/'raw', 'SYNTH-0100', n_slices=2)
     third = build_series_index(tmp_path/'raw', cache=cache)
-    assert third.attrs['headers_read'] == 2
+    assert third.attrs['folders_read'] == 2 and third.attrs['headers_read'] == 7 + 2
     counts = dict(zip(third.series_uid, third.slice_count))
     assert counts[uid] == 7 and truth[-1][2] not in counts and counts[new.name] == 2
     # a damaged cache is rebuilt from the folders
