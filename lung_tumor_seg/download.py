@@ -11,12 +11,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import requests
 from fastcore.basics import patch
 import pydicom
-from .core import LungsegError, BatchResult, atomic_path, cli_command
+from .core import LungsegError, BatchResult, atomic_path, cli_command, is_dicom_file
 
 # %% auto #0
 __all__ = ['DEFAULT_API_URL', 'MD5_LIST', 'MARKER', 'STAGING', 'SeriesInfo', 'series_info', 'NBIAClient', 'SeriesCheckError',
-           'extract_series_zip', 'verify_series_files', 'NBIASource', 'MirrorSource', 'verified_series',
-           'download_series', 'read_manifest', 'DownloadReport', 'select_series', 'download', 'download_main']
+           'parse_md5_list', 'extract_series_zip', 'verify_series_files', 'NBIASource', 'MirrorSource',
+           'verified_series', 'download_series', 'read_manifest', 'DownloadReport', 'select_series', 'download',
+           'download_main']
 
 # %% ../nbs/01_download.ipynb #3dc54c61
 @dataclass
@@ -154,6 +155,34 @@ def series_size(self:NBIAClient, series_uid:str) -> tuple:
 class SeriesCheckError(LungsegError):
     "A fetched series failed a check (bad ZIP, wrong hash, wrong series, wrong count): worth fetching again."
 
+# %% ../nbs/01_download.ipynb #69151db0
+MD5_LIST = 'md5hashes.csv'
+_MD5_HEX = re.compile(r'[0-9a-fA-F]{32}')
+_NAME_COLUMNS, _HASH_COLUMNS = ('filename', 'file', 'name', 'filepath', 'path'), ('md5hash', 'md5', 'md5sum', 'hash', 'checksum')
+
+def _column(cells:list, names:tuple) -> int|None:
+    "Index of the first cell that is one of `names`, ignoring case, spaces and punctuation."
+    keys = [re.sub(r'[^a-z0-9]', '', c.lower()) for c in cells]
+    return next((i for i, k in enumerate(keys) if k in names), None)
+
+def parse_md5_list(text:str,           # content of an `md5hashes.csv`
+                   source:str=MD5_LIST # what to name in messages
+                  ) -> dict:
+    "File name -> lower-case MD5 of an NBIA MD5 list; its header row is recognised in any case, any other row must be `name,32-hex`."
+    rows = [(n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(io.StringIO(text.lstrip('\ufeff'))), 1)]
+    rows = [(n, r) for n, r in rows if any(r)]
+    name_col, hash_col = 0, 1
+    if rows and (i := _column(rows[0][1], _NAME_COLUMNS)) is not None and (j := _column(rows[0][1], _HASH_COLUMNS)) is not None:
+        (name_col, hash_col), rows = (i, j), rows[1:]
+    md5s = {}
+    for n, r in rows:
+        name, md5 = (r[name_col] if len(r) > name_col else ''), (r[hash_col] if len(r) > hash_col else '')
+        if not name or not _MD5_HEX.fullmatch(md5):
+            raise SeriesCheckError(f"{source}: row {n} is not 'file name,32-hex MD5': {','.join(r)[:80]!r}")
+        name = Path(name.replace('\\', '/')).name
+        if md5s.setdefault(name, md5.lower()) != md5.lower(): raise SeriesCheckError(f"{source}: row {n} lists {name} again with another MD5")
+    return md5s
+
 # %% ../nbs/01_download.ipynb #e85fc2ea
 @patch
 def fetch_zip(self:NBIAClient, series_uid:str, dest:Path, md5:bool=True, on_bytes=None) -> Path:
@@ -169,8 +198,6 @@ def fetch_zip(self:NBIAClient, series_uid:str, dest:Path, md5:bool=True, on_byte
     return self.request('GET', 'getImageWithMD5Hash' if md5 else 'getImage', read=_read, params={'SeriesInstanceUID': series_uid})
 
 # %% ../nbs/01_download.ipynb #969caa93
-MD5_LIST = 'md5hashes.csv'
-
 def extract_series_zip(zip_path:str|Path, folder:str|Path) -> dict|None:
     "Check a series ZIP and extract its files flat into `folder`; return the MD5s of `md5hashes.csv` (None if absent)."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -185,9 +212,7 @@ def extract_series_zip(zip_path:str|Path, folder:str|Path) -> dict|None:
                 if not name or name.startswith('.') or name in names:
                     raise SeriesCheckError(f"{Path(zip_path).name}: unexpected member {info.filename!r}")
                 names.add(name)
-                if name == MD5_LIST:
-                    rows = csv.reader(io.StringIO(z.read(info).decode('utf-8', 'replace')))
-                    md5s = {Path(r[0].strip().replace('\\', '/')).name: r[1].strip().lower() for r in rows if len(r) >= 2 and r[0].strip() != 'Filename'}
+                if name.lower() == MD5_LIST: md5s = parse_md5_list(z.read(info).decode('utf-8', 'replace'), f"{Path(zip_path).name}/{name}")
                 else:
                     with z.open(info) as src, open(folder/name, 'wb') as dst: shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
@@ -205,9 +230,10 @@ def _md5(path:Path) -> str:
     return h.hexdigest()
 
 def _dicom_header(path:Path):
-    "The UID header of a DICOM file, or None for a file that is not DICOM."
-    try: return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
-    except (pydicom.errors.InvalidDicomError, EOFError): return None
+    "The UID header of a DICOM file (with or without the Part 10 preamble, whatever its name), or None for a file that is not DICOM."
+    if not is_dicom_file(path): return None
+    try: return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS, force=True)
+    except Exception: return None   # DICOM at first sight, unreadable further on
 
 def verify_series_files(folder:str|Path, # fetched files of one series
                         info:SeriesInfo,  # what the source reported
@@ -301,7 +327,7 @@ class MirrorSource:
         if root not in self._catalogues:
             cat = {}
             for folder in (f for s in _study_folders(root) for f in _subfolders(s)):
-                dicoms = sorted(p for p in folder.iterdir() if p.suffix.lower() == '.dcm' and not p.name.startswith('.'))
+                dicoms = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and is_dicom_file(p))   # by content, not by name
                 h = _dicom_header(dicoms[0]) if dicoms else None
                 if h is None: continue
                 cat[folder.name] = (SeriesInfo(folder.name, folder.parent.parent.name, folder.parent.name, str(h.get('Modality', '')),
@@ -315,7 +341,7 @@ class MirrorSource:
         if not infos:
             inner = [p.name for p in _subfolders(self._root_of(collection)) if self.catalogue(p.name)]
             hint = f"; it holds collection(s) {', '.join(inner)}: pass --collection {inner[0]}" if inner else ''
-            raise LungsegError(f"{self._root_of(collection)}: no series folders (<PatientID>/<Study>/<Series>/*.dcm){hint}")
+            raise LungsegError(f"{self._root_of(collection)}: no series folders (<PatientID>/<Study>/<Series>/ holding DICOM files){hint}")
         if patient_ids:
             _check_found('patient', list(patient_ids), {i.patient_id for i in infos}, f"mirror {self._root_of(collection)}")
             infos = [i for i in infos if i.patient_id in set(patient_ids)]

@@ -260,22 +260,30 @@ def reader_masks(sm,                    # `masks.SeriesMasks` of one CT read
     return ids, out
 
 # %% ../nbs/09_evaluation.ipynb #02847141
-def human_reference(dicom_root:str|Path, # LIDC-style root <PatientID>/<Study>/<Series>/ with the XML read beside the slices
+def _annotated_series(dicom_root:Path, pid:str) -> list:
+    "(series files, XML read) of each series of patient `pid` (or case `<PatientID>_<SeriesUID>`) under `dicom_root` with an LIDC XML among its folders."
+    from lung_tumor_seg.series_index import build_series_index
+    from lung_tumor_seg.annotations import parse_lidc_xml
+    index = build_series_index(dicom_root)
+    rows = index[(index.patient_id == pid) | (index.patient_id + '_' + index.series_uid == pid)]
+    found = []
+    for row in rows.itertuples():
+        for xml in sorted({p for f in row.files for p in Path(f).parent.glob('*.xml')}):
+            try: read = parse_lidc_xml(xml)
+            except LungsegError: continue
+            if read['series_uid'] == row.series_uid: found.append((row.files, read)); break
+    return found
+
+def human_reference(dicom_root:str|Path, # DICOM root of any layout, with each series' LIDC XML read beside its slices
                     patients:list        # patient IDs (or case names `<PatientID>_<SeriesUID>`)
                    ) -> pd.DataFrame:
     "Each reader against the other readers' consensus, one row per reader and scan, for the patients that have an XML read."
     from lung_tumor_seg.core import read_series
-    from lung_tumor_seg.annotations import parse_lidc_xml
     from lung_tumor_seg.masks import series_masks
-    tables, root = [], Path(dicom_root)
+    tables = []
     for pid in patients:
-        folders = sorted(p for p in (root/pid).glob('*/*') if p.is_dir())
-        if not folders and '_' in pid:
-            patient, series_uid = pid.split('_', 1); folders = sorted((root/patient).glob(f'*/{series_uid}'))
-        for folder in folders:
-            xmls = sorted(folder.glob('*.xml'))
-            if not xmls: continue
-            read, series = parse_lidc_xml(xmls[0]), read_series(folder)
+        for files, read in _annotated_series(Path(dicom_root), pid):
+            series = read_series(files, read['series_uid'])
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore'); sm = series_masks(read, series)
             ids, masks = reader_masks(sm, [s['reader_id'] for s in read['reading_sessions']])
@@ -347,7 +355,7 @@ def original_truth(meta:dict,                  # a preprocessed case's meta.json
         if not label.exists(): return None
         mask = nifti_mask(label, src)
     elif src.is_dir() and masks_dir is not None:
-        series = read_series(src)
+        series = read_series(src, meta.get('series_uid'))
         path = Path(masks_dir)/f'{series.patient_id}_{series.series_uid}'/'consensus.npy'
         if not path.exists(): return None
         mask, _ = to_lps_grid((np.load(path) > 0).astype(np.uint8), series.geometry.affine)

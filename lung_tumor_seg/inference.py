@@ -4,21 +4,29 @@
 
 # %% ../nbs/10_inference.ipynb #9ca1c4f5
 from __future__ import annotations
-import json, shutil, argparse, warnings
+import os, re, copy, json, shutil, argparse, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
-from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command
+from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command, run_each
 from .evaluation import predict_probabilities, label_components, remove_small_components
-from .volumes import LPS_AXES, to_lps_grid
+from .volumes import LPS_AXES, to_lps_grid, nifti_array
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
 from .dataset import context_stack, context_step
 
 # %% auto #0
-__all__ = ['CHEST_CT_SPACING_MM', 'InputVolume', 'read_volume', 'check_spacing', 'write_dicom_seg', 'overlay_frames',
-           'save_animation', 'model_settings', 'predict_volume', 'load_model', 'predict', 'predict_main']
+__all__ = ['CHEST_CT_SPACING_MM', 'SOURCE_TYPE2_ATTRIBUTES', 'safe_file_name', 'InputVolume', 'read_volume', 'check_spacing',
+           'with_empty_type2', 'write_dicom_seg', 'overlay_frames', 'save_animation', 'model_settings',
+           'predict_volume', 'load_model', 'predict', 'input_series', 'predict_main']
+
+# %% ../nbs/10_inference.ipynb #2fb967c9
+def safe_file_name(text:str,           # a patient ID, folder or file name, UID
+                   max_chars:int=100   # longest name kept
+                  ) -> str:
+    "`text` made safe as the start of a file name: runs of other characters than letters, digits, `.`, `-` become `_`; no leading dot; '' when nothing is left."
+    return re.sub(r'[^\w.-]+', '_', str(text)).strip('._-')[:max_chars].rstrip('.')
 
 # %% ../nbs/10_inference.ipynb #7681fb36
 @dataclass
@@ -32,9 +40,12 @@ class InputVolume:
     series: DicomSeries|None = None  # the DICOM series, for DICOM input
     @property
     def name(self) -> str:
-        "Name for the output files: the patient ID of a series, else the file name without extension."
-        if self.series is not None: return self.series.patient_id.replace('/', '_') or self.series.series_uid
-        return self.path.name.split('.nii')[0]
+        "Name for the output files: a series' patient ID, else its folder's name, else its SeriesInstanceUID; a NIfTI file's name without extension."
+        if self.series is None: candidates = [self.path.name.split('.nii')[0]]
+        else:
+            h = self.series.headers[0]
+            candidates = [h.get('PatientID', ''), Path(os.path.abspath(self.path)).name, h.get('SeriesInstanceUID', '')]
+        return next((name for c in candidates if (name := safe_file_name(str(c or '')))), 'volume')
 
     def to_input_grid(self, volume_zyx:np.ndarray) -> np.ndarray:
         "Map a `(z, y, x)` array on the L, P, S grid back to the input's own voxel order, as `(z, y, x)` for `save_nifti`."
@@ -46,37 +57,33 @@ class InputVolume:
         return np.ascontiguousarray(xyz.transpose(2, 1, 0))
 
 # %% ../nbs/10_inference.ipynb #aad2c9b4
+def _one_line(e:Exception, limit:int=240) -> str:
+    text = ' '.join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
 def _check_volume(path, hu, spacing_mm):
     if hu.size == 0 or min(hu.shape) == 0: raise LungsegError(f"{path}: empty volume (shape {hu.shape})")
     if not np.isfinite(hu).all(): raise LungsegError(f"{path}: volume holds NaN or infinite values")
     if hu.min() == hu.max(): raise LungsegError(f"{path}: empty volume (every voxel is {hu.min():g})")
     if not all(np.isfinite(s) and s > 0 for s in spacing_mm): raise LungsegError(f"{path}: invalid voxel spacing {spacing_mm}")
 
-def _read_nifti(path:Path) -> tuple:
-    import nibabel as nib
-    try: img = nib.load(str(path)); data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as e: raise LungsegError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    if data.ndim == 4 and data.shape[3] == 1: data = data[..., 0]
-    if data.ndim != 3:
-        raise LungsegError(f"{path}: expected one 3D CT volume (1 channel), got shape {img.shape}"
-                           + (f" with {img.shape[3]} channels/volumes" if data.ndim == 4 else ''))
-    if not np.isfinite(data).all(): raise LungsegError(f"{path}: volume holds NaN or infinite values")
-    return data.transpose(2, 1, 0), img.affine.copy(), None
-
-def read_volume(path:str|Path # DICOM series folder or NIfTI file (.nii / .nii.gz)
+def read_volume(path:str|Path, # DICOM folder (one series at any depth, any file names) or NIfTI file (.nii / .nii.gz)
+                series_uid:str|None=None # the series to read when the folder holds several
                ) -> InputVolume:
-    "Read a CT volume to segment from a DICOM series folder or a NIfTI file, on the L, P, S grid."
-    path = Path(path)
+    "Read a CT volume to segment from a DICOM folder or a NIfTI file, on the L, P, S grid."
+    path, series = Path(path), None
     if path.is_dir():
-        series = read_series(path)
+        series = read_series(path, series_uid)
         hu, affine = load_hu(series).astype(np.float32), series.geometry.affine
     elif not path.exists(): raise LungsegError(f"{path}: input not found (expected a DICOM series folder or a NIfTI file)")
-    elif path.name.endswith(('.nii', '.nii.gz')): hu, affine, series = _read_nifti(path)
+    elif path.name.endswith(('.nii', '.nii.gz')):
+        data, affine = nifti_array(path)   # voxel sizes, affine, qform/sform checked there
+        hu = data.astype(np.float32)
     else: raise LungsegError(f"{path}: unsupported input (expected a DICOM series folder or a .nii/.nii.gz file)")
     hu_lps, affine_lps = to_lps_grid(hu, affine)
     spacing_mm = tuple(float(v) for v in np.linalg.norm(affine_lps[:3, :3], axis=0)[::-1])
     _check_volume(path, hu_lps, spacing_mm)
-    return InputVolume(path, hu_lps, spacing_mm, affine, tuple(hu.shape[::-1]), series if path.is_dir() else None)
+    return InputVolume(path, hu_lps, spacing_mm, affine, tuple(hu.shape[::-1]), series)
 
 # %% ../nbs/10_inference.ipynb #74a4e42a
 CHEST_CT_SPACING_MM = {'in-plane': (0.3, 1.5), 'slice': (0.5, 6.0)}  # typical range of clinical chest CT
@@ -95,8 +102,25 @@ def check_spacing(spacing_mm:tuple,  # (dz, dy, dx) in mm
     for note in dict.fromkeys(notes): warnings.warn(note)
     return list(dict.fromkeys(notes))
 
+# %% ../nbs/10_inference.ipynb #731c8715
+SOURCE_TYPE2_ATTRIBUTES = ('PatientName', 'PatientID', 'PatientBirthDate', 'PatientSex',               # Patient module
+                           'StudyDate', 'StudyTime', 'ReferringPhysicianName', 'StudyID', 'AccessionNumber')  # General Study module
+
+# %% ../nbs/10_inference.ipynb #8737a004
+def with_empty_type2(header,                                # a DICOM dataset (a CT slice's header)
+                     keywords:tuple=SOURCE_TYPE2_ATTRIBUTES # Type 2 attributes that must be present
+                    ):
+    "`header` itself when it holds every attribute of `keywords`, else a copy with the missing ones added empty."
+    missing = [k for k in keywords if k not in header]
+    if not missing: return header
+    header = copy.deepcopy(header)
+    for k in missing: setattr(header, k, None)   # an empty element of the attribute's own VR
+    return header
+
 # %% ../nbs/10_inference.ipynb #6242a54a
-def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' grid, slices in `series.files` order
+_SEG_TYPE1 = ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'SOPClassUID', 'FrameOfReferenceUID', 'Modality')  # what a SEG references
+
+def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' regular z grid (`geometry.shape`)
                     series:DicomSeries,    # the CT series it was predicted on
                     path:str|Path,         # output .dcm file
                     label:str='lung tumour (automatic)',
@@ -107,6 +131,10 @@ def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' grid, sl
     mask = np.asarray(mask_zyx, bool)
     if mask.shape != tuple(series.geometry.shape):
         raise LungsegError(f"{series.folder}: mask shape {mask.shape} does not match the series {tuple(series.geometry.shape)}")
+    mask = mask[series.slice_index]   # one frame per slice that exists: the planes of a gap have no image to reference
+    for f, h in zip(series.files, series.headers):
+        if (gap := next((k for k in _SEG_TYPE1 if not h.get(k)), None)):
+            raise LungsegError(f"{f}: no {gap} in the header, which a DICOM SEG must reference (stripped by an anonymizer?)")
     if not software_version:
         from lung_tumor_seg import __version__ as software_version
     algorithm = hd.AlgorithmIdentificationSequence(name='lung_tumor_seg 2D U-Net', version=software_version,
@@ -115,12 +143,14 @@ def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' grid, sl
         segment_number=1, segment_label=label, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         segmented_property_category=CodedConcept('49755003', 'SCT', 'Morphologically Abnormal Structure'),
         segmented_property_type=CodedConcept('108369006', 'SCT', 'Neoplasm'), algorithm_identification=algorithm)
-    seg = hd.seg.Segmentation(
-        source_images=series.headers, pixel_array=mask.astype(np.uint8), segment_descriptions=[segment],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, series_instance_uid=hd.UID(), series_number=900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer='lung_tumor_seg', manufacturer_model_name='2D U-Net',
-        software_versions=software_version, device_serial_number='0', series_description='lung tumour segmentation (automatic)',
-        omit_empty_frames=True)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[with_empty_type2(h) for h in series.headers], pixel_array=mask.astype(np.uint8), segment_descriptions=[segment],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, series_instance_uid=hd.UID(), series_number=900,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer='lung_tumor_seg', manufacturer_model_name='2D U-Net',
+            software_versions=software_version, device_serial_number='0', series_description='lung tumour segmentation (automatic)',
+            omit_empty_frames=True)
+    except Exception as e: raise LungsegError(f"{series.folder}: DICOM SEG not written ({_one_line(e)})") from None
     path = Path(path)
     with atomic_path(path, suffix='.dcm') as tmp: seg.save_as(tmp)
     return path
@@ -211,10 +241,6 @@ def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> lo
     return mask, prob
 
 # %% ../nbs/10_inference.ipynb #8bd27137
-def _one_line(e:Exception, limit:int=240) -> str:
-    text = ' '.join(str(e).split())
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
 def load_model(checkpoint:str|Path) -> torch.nn.Module:
     "The trained model of a checkpoint, in eval mode on the CPU, checked to carry its preprocessing settings."
     from lung_tumor_seg.training import load_checkpoint
@@ -228,6 +254,13 @@ def load_model(checkpoint:str|Path) -> torch.nn.Module:
     return model.eval()
 
 # %% ../nbs/10_inference.ipynb #1263c737
+def _about(source, e:Exception) -> str:
+    "One line naming `source` and the problem of `e`, `source` named once."
+    msg = str(e) if isinstance(e, LungsegError) else _one_line(e)
+    for prefix in dict.fromkeys((f"{source}: ", f"{Path(source)}: ")):
+        if msg.startswith(prefix): msg = msg[len(prefix):]
+    return f"{source}: {msg}"
+
 def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an already loaded model
             input:str|Path,            # DICOM series folder or NIfTI file
             out_dir:str|Path,          # folder for the outputs
@@ -238,50 +271,78 @@ def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an alread
             threshold:float=0.5,       # probability threshold
             batch_size:int=16,         # slices per forward pass
             animation:bool=True,       # write the overlay GIF (and MP4 when ffmpeg exists)
+            series_uid:str|None=None,  # the series to segment when a DICOM folder holds several
             fp_reduction:bool=True     # apply the false-positive classifier trained with the checkpoint (its folder's fp_reduction.pt), when there is one
            ) -> dict:
-    "Segment one DICOM series or NIfTI volume and write mask, optional probability map, DICOM SEG and overlay."
+    "Segment one DICOM series or NIfTI volume and write mask, optional probability map, DICOM SEG and overlay: all of them, or none."
     import time
     t0 = time.perf_counter()
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_model(checkpoint)
     from lung_tumor_seg.fp_reduction import fp_filter_for
     fp = fp_filter_for(checkpoint, model.hparams.get('preprocess')) if fp_reduction and not isinstance(checkpoint, torch.nn.Module) else None
-    vol = read_volume(input)
-    if seg and vol.series is None: raise LungsegError(f"{input}: a DICOM SEG needs a DICOM series as input (got a NIfTI file)")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:   # notes on the input (duplicate slices, qform/sform, spacing): printed and kept in the summary
         warnings.simplefilter('always')
-        notes = check_spacing(vol.spacing_mm, str(input))
+        vol = read_volume(input, series_uid)
+        if seg and vol.series is None: raise LungsegError(f"{input}: a DICOM SEG needs a DICOM series as input (got a NIfTI file)")
+        check_spacing(vol.spacing_mm, str(input))
+    notes = list(dict.fromkeys(' '.join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)))
     for note in notes: print(f"lungseg predict: warning: {note}")
     mask, probability = predict_volume(model, vol.hu_zyx, vol.spacing_mm, batch_size=batch_size, tta=tta,
                                        threshold=threshold, min_volume_mm3=min_volume_mm3, fp_filter=fp)
     out_dir, name = Path(out_dir), vol.name
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = dict(mask=save_nifti(vol.to_input_grid(mask).astype(np.uint8), vol.affine, out_dir/f'{name}_mask.nii.gz'))
-    if prob: written['prob'] = save_nifti(vol.to_input_grid(probability).astype(np.float32), vol.affine, out_dir/f'{name}_prob.nii.gz')
-    if seg: written['seg'] = write_dicom_seg(vol.to_input_grid(mask), vol.series, out_dir/f'{name}_seg.dcm')
-    if animation:
-        frames = overlay_frames(vol.hu_zyx, mask)
-        written['gif'] = save_animation(frames, out_dir/f'{name}_overlay.gif')
-        if shutil.which('ffmpeg'): written['mp4'] = save_animation(frames, out_dir/f'{name}_overlay.mp4')
-    _, n_components = label_components(mask)
-    summary = dict(input=str(input), checkpoint=str(checkpoint) if not isinstance(checkpoint, torch.nn.Module) else type(checkpoint).__name__,
-                   name=name, shape_zyx=list(vol.hu_zyx.shape), spacing_mm=[round(v, 4) for v in vol.spacing_mm],
-                   tumour_voxels=int(mask.sum()), tumour_volume_mm3=round(float(mask.sum()*np.prod(vol.spacing_mm)), 1),
-                   components=int(n_components), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, fp_reduction=fp is not None,
-                   warnings=notes, seconds=round(time.perf_counter() - t0, 2),
-                   outputs={k: Path(v).name for k, v in written.items()})
-    with atomic_path(out_dir/f'{name}_prediction.json', '.json') as tmp: tmp.write_text(json.dumps(summary, indent=1))
-    written['summary'] = out_dir/f'{name}_prediction.json'
-    return dict(summary, files=written)
+    staging, placed = Path(tempfile.mkdtemp(prefix=f'.{name}.', suffix='.part', dir=out_dir)), {}
+    try:   # every output is written in a temporary folder beside the targets, then moved, the summary last
+        files = dict(mask=save_nifti(vol.to_input_grid(mask).astype(np.uint8), vol.affine, staging/f'{name}_mask.nii.gz'))
+        if prob: files['prob'] = save_nifti(vol.to_input_grid(probability).astype(np.float32), vol.affine, staging/f'{name}_prob.nii.gz')
+        if seg: files['seg'] = write_dicom_seg(vol.to_input_grid(mask), vol.series, staging/f'{name}_seg.dcm')
+        if animation:
+            frames = overlay_frames(vol.hu_zyx, mask)
+            files['gif'] = save_animation(frames, staging/f'{name}_overlay.gif')
+            if shutil.which('ffmpeg'): files['mp4'] = save_animation(frames, staging/f'{name}_overlay.mp4')
+        _, n_components = label_components(mask)
+        summary = dict(input=str(input), series_uid=vol.series.series_uid if vol.series is not None else None, checkpoint=str(checkpoint) if not isinstance(checkpoint, torch.nn.Module) else type(checkpoint).__name__,
+                       name=name, shape_zyx=list(vol.hu_zyx.shape), spacing_mm=[round(v, 4) for v in vol.spacing_mm],
+                       tumour_voxels=int(mask.sum()), tumour_volume_mm3=round(float(mask.sum()*np.prod(vol.spacing_mm)), 1),
+                       components=int(n_components), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, fp_reduction=fp is not None,
+                       warnings=notes, seconds=round(time.perf_counter() - t0, 2),
+                       outputs={k: Path(v).name for k, v in files.items()})
+        files['summary'] = staging/f'{name}_prediction.json'
+        files['summary'].write_text(json.dumps(summary, indent=1))
+        for kind, path in files.items():
+            os.replace(path, out_dir/path.name); placed[kind] = out_dir/path.name
+    except BaseException as e:
+        for path in placed.values(): path.unlink(missing_ok=True)
+        if not isinstance(e, Exception): raise
+        raise LungsegError(f"{_about(input, e)}; no outputs written to {out_dir}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()): out_dir.rmdir()
+    return dict(summary, files=placed)
 
 # %% ../nbs/10_inference.ipynb #8fdbb2de
+def input_series(path:Path) -> list:
+    "SeriesInstanceUIDs of the CT image series under a DICOM folder, at any depth (empty for a NIfTI file)."
+    if not Path(path).is_dir(): return []
+    from lung_tumor_seg.series_index import build_series_index
+    index = build_series_index(path, cache=None)
+    index = index[index.modality.isin(['CT', ''])]
+    return list(index.series_uid)
+
+def _report(out:dict):
+    print(f"{out['name']}: {out['tumour_voxels']} tumour voxels ({out['tumour_volume_mm3']} mm³, {out['components']} component(s)) "
+          f"in {out['seconds']} s")
+    for kind, path in out['files'].items(): print(f"  {kind}: {path}")
+
 @cli_command
 def predict_main(argv:list[str]|None=None) -> int:
     "Entry point of `lungseg predict`."
-    p = argparse.ArgumentParser(prog='lungseg predict', description='Segment a DICOM series or NIfTI volume: NIfTI mask on the input grid, optional DICOM SEG.')
+    p = argparse.ArgumentParser(prog='lungseg predict', description='Segment CT series or NIfTI volumes: NIfTI mask on the input grid, optional DICOM SEG.')
     p.add_argument('--checkpoint', type=Path, required=True, help='trained checkpoint (RUN_DIR/checkpoints/best.ckpt)')
-    p.add_argument('--input', type=Path, required=True, help='DICOM series folder or NIfTI file (.nii/.nii.gz)')
-    p.add_argument('--out', type=Path, required=True, help='output folder')
+    p.add_argument('--input', type=Path, required=True, help='NIfTI file (.nii/.nii.gz), or DICOM folder of any layout: every CT series under it')
+    p.add_argument('--series', nargs='+', default=None, metavar='UID', help='only these SeriesInstanceUIDs of a DICOM folder')
+    p.add_argument('--out', type=Path, required=True, help='output folder (one subfolder <PatientID>_<SeriesUID> per series when the input holds several)')
     p.add_argument('--seg', action='store_true', help='also write a DICOM SEG (DICOM input only)')
     p.add_argument('--prob', action='store_true', help='also write the probability map (NIfTI float32)')
     p.add_argument('--min-volume-mm3', type=float, default=0, help='remove predicted components smaller than this volume (default 0: keep all)')
@@ -291,10 +352,18 @@ def predict_main(argv:list[str]|None=None) -> int:
     p.add_argument('--no-animation', action='store_true', help='skip the overlay GIF/MP4')
     p.add_argument('--no-fp-reduction', action='store_true', help="the U-Net alone, without the false-positive classifier beside the checkpoint (fp_reduction.pt)")
     args = p.parse_args(argv)
-    out = predict(args.checkpoint, args.input, args.out, seg=args.seg, prob=args.prob, min_volume_mm3=args.min_volume_mm3,
-                  tta=args.tta, threshold=args.threshold, batch_size=args.batch_size, animation=not args.no_animation,
-                  fp_reduction=not args.no_fp_reduction)
-    print(f"{out['name']}: {out['tumour_voxels']} tumour voxels ({out['tumour_volume_mm3']} mm³, {out['components']} component(s)) "
-          f"in {out['seconds']} s")
-    for kind, path in out['files'].items(): print(f"  {kind}: {path}")
-    return 0
+    options = dict(seg=args.seg, prob=args.prob, min_volume_mm3=args.min_volume_mm3, tta=args.tta, threshold=args.threshold,
+                   batch_size=args.batch_size, animation=not args.no_animation, fp_reduction=not args.no_fp_reduction)
+    uids = input_series(args.input)
+    if args.series:
+        missing = [u for u in args.series if u not in uids]
+        if missing: raise LungsegError(f"{args.input}: no CT series {' '.join(missing)} (found {len(uids)}: {' '.join(uids) or 'none'})")
+        uids = args.series
+    if len(uids) <= 1:
+        _report(predict(args.checkpoint, args.input, args.out, series_uid=uids[0] if uids else None, **options)); return 0
+    def one(uid):
+        series = read_series(args.input, uid)
+        out = predict(args.checkpoint, args.input, args.out/safe_file_name(f'{series.patient_id}_{uid}'), series_uid=uid, **options)
+        _report(out); return out
+    print(f"{args.input}: {len(uids)} CT series")
+    return run_each(uids, one).report('series')

@@ -15,8 +15,8 @@ from .volumes import Volume, to_lps_grid, series_volume, dicom_volume, nifti_vol
 # %% auto #0
 __all__ = ['WINDOW_PRESETS', 'SLAB_RULES', 'window_hu', 'lung_mask', 'PreprocessConfig', 'slab_range', 'resize_slices',
            'resample_z', 'crop_or_pad', 'preprocess_volume', 'preprocess_mask', 'restore_mask', 'Case', 'lidc_cases',
-           'task06_cases', 'save_case', 'preprocess_case', 'write_index', 'patient_split', 'preprocess',
-           'export_slices', 'preprocess_main']
+           'task06_cases', 'save_case', 'preprocess_case', 'stored_gap_slices', 'write_index', 'patient_split',
+           'preprocess', 'export_slices', 'preprocess_main']
 
 # %% ../nbs/05_preprocessing.ipynb #73febecc
 WINDOW_PRESETS = {  # name: (level_hu, width_hu)
@@ -277,23 +277,31 @@ def preprocess_case(case:Case, prep_dir:str|Path, cfg:PreprocessConfig) -> dict:
     if mask.shape != vol.hu.shape: raise LungsegError(f"{case.name}: mask shape {mask.shape} does not match the CT {vol.hu.shape}")
     image, meta = preprocess_volume(vol.hu, vol.spacing_mm, cfg, mask)
     if 'nodule slices dropped' in meta['slab_note']: print(f"{case.name}: warning: {meta['slab_note']}", file=sys.stderr)
-    meta.update(case=case.name, patient_id=case.patient_id, source=vol.source, affine=np.round(vol.affine, 6).tolist(),
-                tumor_voxels=int(mask.sum()))
+    meta.update(case=case.name, patient_id=case.patient_id, source=vol.source, series_uid=vol.series_uid,
+                affine=np.round(vol.affine, 6).tolist(), tumor_voxels=int(mask.sum()), gaps=vol.gaps, filled_slices=vol.filled_slices)
     save_case(Path(prep_dir)/'patients'/case.name, image, preprocess_mask(mask, meta), meta)
     return meta
 
 # %% ../nbs/05_preprocessing.ipynb #bf5dd645
+def stored_gap_slices(meta:dict) -> np.ndarray:
+    "For each stored slice of a case, whether it comes from a plane filled in a gap of its series (nearest original slice)."
+    z0, z1 = meta['z_range']; n = meta['n_slices']
+    source = np.clip(np.rint((np.arange(n) + 0.5)*(z1 - z0)/n - 0.5), 0, z1 - z0 - 1).astype(int) + z0
+    return np.isin(source, meta.get('filled_slices', []))
+
 def write_index(prep_dir:str|Path) -> Path:
-    "Write `slices.csv` (patient, slice, tumor_pixels) from the stored masks."
+    "Write `slices.csv` (patient, slice, tumor_pixels, gap_filled) from the stored masks."
     import pandas as pd
     prep_dir = Path(prep_dir)
     rows = []
     for case_dir in sorted((prep_dir/'patients').iterdir()):
         if not (case_dir/'meta.json').exists() or case_dir.name.startswith('.'): continue
         counts = np.load(case_dir/'mask.npy', mmap_mode='r').sum((1, 2), dtype=np.int64)
-        rows += [(case_dir.name, k, int(c)) for k, c in enumerate(counts)]
+        filled = stored_gap_slices(json.loads((case_dir/'meta.json').read_text()))
+        rows += [(case_dir.name, k, int(c), bool(g)) for k, (c, g) in enumerate(zip(counts, filled))]
     path = prep_dir/'slices.csv'
-    with atomic_path(path, '.csv') as tmp: pd.DataFrame(rows, columns=['patient', 'slice', 'tumor_pixels']).to_csv(tmp, index=False)
+    with atomic_path(path, '.csv') as tmp:
+        pd.DataFrame(rows, columns=['patient', 'slice', 'tumor_pixels', 'gap_filled']).to_csv(tmp, index=False)
     return path
 
 # %% ../nbs/05_preprocessing.ipynb #4736c78b

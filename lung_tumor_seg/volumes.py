@@ -4,14 +4,15 @@
 
 # %% ../nbs/05a_volumes.ipynb #177dc0fe
 from __future__ import annotations
-import sys
-from dataclasses import dataclass
+import sys, itertools, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from .core import LungsegError, AIR_HU, read_series, load_hu
 
 # %% auto #0
-__all__ = ['LPS_AXES', 'toy_chest', 'to_lps_grid', 'Volume', 'series_volume', 'dicom_volume', 'nifti_volume', 'nifti_mask']
+__all__ = ['LPS_AXES', 'PLAUSIBLE_VOXEL_MM', 'toy_chest', 'to_lps_grid', 'Volume', 'series_volume', 'dicom_volume',
+           'check_nifti_geometry', 'nifti_array', 'nifti_volume', 'nifti_mask']
 
 # %% ../nbs/05a_volumes.ipynb #27d57437
 def toy_chest(n_slices:int=40, # slices (z)
@@ -60,6 +61,9 @@ class Volume:
     affine: np.ndarray    # 4x4 RAS+ affine of voxel (x, y, z), as in NIfTI
     name: str = ''        # patient id or case name
     source: str = ''      # folder or file it came from
+    series_uid: str = ''  # SeriesInstanceUID of a DICOM series
+    gaps: list = field(default_factory=list)          # one note per run of missing slices of a DICOM series
+    filled_slices: list = field(default_factory=list) # z indices (on this grid) of the planes filled in those gaps
 
 # %% ../nbs/05a_volumes.ipynb #8058222c
 def _spacing(affine): return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)[::-1])
@@ -67,27 +71,84 @@ def _spacing(affine): return tuple(float(v) for v in np.linalg.norm(affine[:3, :
 def series_volume(series) -> Volume:
     "The `Volume` of a `core.DicomSeries` (pixels read in parallel by `core.load_hu`)."
     hu, affine = to_lps_grid(load_hu(series), series.geometry.affine)
-    return Volume(hu, _spacing(affine), affine, series.patient_id, str(series.folder))
+    present = np.zeros((series.geometry.shape[0], 1, 1), np.uint8); present[series.slice_index] = 1
+    present, _ = to_lps_grid(present, series.geometry.affine)   # the same turn as the CT, so the indices are those of this grid
+    return Volume(hu, _spacing(affine), affine, series.patient_id, str(series.folder), series.series_uid,
+                  series.gap_notes, [int(k) for k in np.flatnonzero(present.ravel() == 0)])
 
 # %% ../nbs/05a_volumes.ipynb #cb97d971
 def dicom_volume(folder:str|Path, series_uid:str|None=None) -> Volume:
     "Read a DICOM CT series folder into a `Volume`."
     return series_volume(read_series(folder, series_uid))
 
-# %% ../nbs/05a_volumes.ipynb #83b1e7af
-def _nifti_zyx(path):
+# %% ../nbs/05a_volumes.ipynb #e8792acc
+PLAUSIBLE_VOXEL_MM = {'in-plane': 20.0, 'slice': 50.0}  # largest voxel edge a CT header may state; beyond it the header is broken or in the wrong units
+
+# %% ../nbs/05a_volumes.ipynb #15a4a097
+def _stored_header(img, path):
+    "The header as stored in `path`, before nibabel's fixes on load; the image's own header for an image without a file."
+    from nibabel.openers import ImageOpener
+    if path is None or not Path(path).is_file(): return img.header
+    with ImageOpener(str(path)) as f: return type(img.header).from_fileobj(f, check=False)
+
+def _corner_gap_mm(a:np.ndarray, b:np.ndarray, shape:tuple) -> float:
+    "Largest distance between the positions two affines give the corner voxels of a grid."
+    corners = np.array([[*c, 1] for c in itertools.product(*[(0, n - 1) for n in shape[:3]])], float)
+    return float(np.linalg.norm((corners @ a.T - corners @ b.T)[:, :3], axis=1).max())
+
+def check_nifti_geometry(img,                      # a NIfTI image loaded by nibabel
+                         path:str|Path|None=None   # its file: the header is re-read as stored, and named in messages
+                        ) -> np.ndarray:
+    "The RAS+ affine of `img` (sform, else qform, as nibabel), after refusing voxel sizes and affines no CT can have."
     import nibabel as nib
+    where = str(path) if path is not None else 'NIfTI image'
+    pixdim = np.asarray(_stored_header(img, path)['pixdim'][1:4], float)
+    for problem, hit in (('not a number', ~np.isfinite(pixdim)), ('zero', pixdim == 0), ('negative', pixdim < 0)):
+        if hit.any(): raise LungsegError(f"{where}: voxel size (pixdim) {' x '.join(f'{v:g}' for v in pixdim)} mm in the header is {problem}")
+    hdr = img.header   # as nibabel mended it: qfac 0 read as 1, as the standard says; the voxel sizes are the stored ones (checked above)
+    (sform, s_code), (qform, q_code) = hdr.get_sform(coded=True), hdr.get_qform(coded=True)
+    if s_code: affine, used = sform, f'sform (code {int(s_code)})'
+    elif q_code: affine, used = qform, f'qform (code {int(q_code)})'
+    else:
+        affine, used = hdr.get_base_affine(), 'voxel sizes alone'
+        warnings.warn(f"{where}: neither qform nor sform is set: orientation unknown, read as {''.join(nib.aff2axcodes(affine))} (nibabel's default)")
+    edges = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) <= 1e-6*np.prod(edges):
+        raise LungsegError(f"{where}: singular affine in the {used}: {np.round(affine[:3, :3], 4).tolist()}")
+    world = nib.orientations.io_orientation(affine)[:, 0]   # world axis (0 R, 1 A, 2 S) of each voxel axis
+    for axis, edge in enumerate(edges):
+        kind = 'slice' if world[axis] == 2 else 'in-plane'
+        if edge > PLAUSIBLE_VOXEL_MM[kind]:
+            raise LungsegError(f"{where}: {kind} voxel size {edge:g} mm (voxel axis {axis}, {used}) is implausible for CT (over {PLAUSIBLE_VOXEL_MM[kind]:g} mm)")
+    if s_code and q_code and (gap := _corner_gap_mm(sform, qform, img.shape)) > edges.min():
+        warnings.warn(f"{where}: qform and sform place the volume up to {gap:.1f} mm apart (more than a voxel); the sform is used, as nibabel does")
+    return affine
+
+# %% ../nbs/05a_volumes.ipynb #83b1e7af
+def nifti_array(path:str|Path) -> tuple:
+    "The voxels `(z, y, x)` of a one-volume NIfTI file and its RAS+ affine, checked by `check_nifti_geometry`."
+    import nibabel as nib
+    from nibabel.imageglobals import LoggingOutputSuppressor
     path = Path(path)
     if not path.exists(): raise LungsegError(f"{path}: NIfTI file not found")
-    try: img = nib.load(path); data = np.asanyarray(img.dataobj)
-    except Exception as e: raise LungsegError(f"{path}: unreadable NIfTI ({e})") from None
-    if data.ndim == 4 and data.shape[3] == 1: data = data[..., 0]
-    if data.ndim != 3: raise LungsegError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return data.transpose(2, 1, 0), img.affine
+    try:
+        with LoggingOutputSuppressor(): img = nib.load(path)   # nibabel's notes on the header it mends: checked below instead
+    except Exception as e: raise LungsegError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    shape = tuple(img.shape)
+    if len(shape) == 4 and shape[3] == 1: shape = shape[:3]
+    if len(shape) != 3:
+        raise LungsegError(f"{path}: expected one 3D CT volume (1 channel), got shape {tuple(img.shape)}"
+                           + (f" with {img.shape[3]} channels/volumes" if len(shape) == 4 else ''))
+    affine = check_nifti_geometry(img, path)
+    try: data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as e: raise LungsegError(f"{path}: unreadable voxel data ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if data.dtype.kind == 'f' and not np.isfinite(data).all(): raise LungsegError(f"{path}: volume holds NaN or infinite values")
+    return data.transpose(2, 1, 0), affine
 
+# %% ../nbs/05a_volumes.ipynb #d3425030
 def nifti_volume(path:str|Path) -> Volume:
     "Read a NIfTI CT volume in HU into a `Volume` on the same `L, P, S` grid as the DICOM path."
-    data, affine = _nifti_zyx(path)
+    data, affine = nifti_array(path)
     hu = np.clip(np.rint(data), AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
     hu, affine = to_lps_grid(hu, affine)
     return Volume(hu, _spacing(affine), affine, Path(path).name.split('.')[0], str(path))
@@ -99,11 +160,14 @@ def nifti_mask(path:str|Path,      # label NIfTI of the image below
               ) -> np.ndarray:
     "Read a label NIfTI as a uint8 0/1 mask `(z, y, x)` on the `L, P, S` grid of its image, checked against it."
     import nibabel as nib
-    data, affine = _nifti_zyx(path)
-    image = nib.load(image_path)
+    from nibabel.imageglobals import LoggingOutputSuppressor
+    data, affine = nifti_array(path)
+    try:
+        with LoggingOutputSuppressor(): image = nib.load(image_path)
+    except Exception as e: raise LungsegError(f"{image_path}: not a readable NIfTI file ({type(e).__name__})") from None
     if data.shape != image.shape[:3][::-1]:
         raise LungsegError(f"{path}: label shape {data.shape[::-1]} does not match its image {image.shape[:3]}")
-    if not np.allclose(affine, image.affine, atol=1e-2):
+    if not np.allclose(affine, check_nifti_geometry(image, image_path), atol=1e-2):
         raise LungsegError(f"{path}: label affine differs from its image's affine (not on the same grid)")
     values = np.unique(data)
     if not set(values.tolist()) <= {0, 1}:

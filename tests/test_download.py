@@ -205,3 +205,65 @@ def test_mirror_of_real_sample(tmp_path, capsys):
     _assert_identical({p.name: p for p in sample_dir().glob('*/*/*')}, tmp_path/'raw')
     assert download_main(args) == 0
     assert '2 series: 0 downloaded, 2 already present, 0 failed' in capsys.readouterr().out
+
+
+def _series_zip(path, files, md5_csv):
+    "A series ZIP as NBIA sends it: the files, flat, and an `md5hashes.csv` of the given text."
+    import zipfile
+    with zipfile.ZipFile(path, 'w') as z:
+        for f in files: z.write(f, f.name)
+        z.writestr('md5hashes.csv', md5_csv)
+    return path
+
+
+@pytest.mark.parametrize('header', ['Filename,MD5Hash', 'filename,md5hash', 'FILENAME,MD5HASH', 'File Name, MD5 Hash', ''])
+def test_md5_list_header_in_any_case(tmp_path, header):
+    "The header of md5hashes.csv is recognised whatever its case; the hashes check every file of the series."
+    import hashlib
+    from lung_tumor_seg.download import extract_series_zip, verify_series_files
+    src = write_tiny_series(tmp_path/'archive', n_slices=3)
+    files = sorted(src.iterdir())
+    rows = ''.join(f"{f.name},{hashlib.md5(f.read_bytes()).hexdigest()}\n" for f in files)
+    md5s = extract_series_zip(_series_zip(tmp_path/'series.zip', files, f"{header}\n{rows}"), tmp_path/'files')
+    assert sorted(md5s) == [f.name for f in files]
+    assert verify_series_files(tmp_path/'files', SeriesInfo(src.name, image_count=3), md5s)['image_count'] == 3
+
+
+def test_malformed_md5_row_fails_the_series_naming_the_row(tmp_path, archive, capsys):
+    "A row that is not `name,32-hex` is reported with the file and the row number, and the series is never placed."
+    from lung_tumor_seg.download import extract_series_zip, SeriesCheckError
+    src = next(iter(archive.values()))
+    files = sorted(src.iterdir())
+    text = 'filename,md5hash\n' + f"{files[0].name},{'0'*32}\n" + 'Service Unavailable\n'
+    with pytest.raises(SeriesCheckError, match=r"series\.zip/md5hashes\.csv: row 3 is not 'file name,32-hex MD5': 'Service Unavailable'"):
+        extract_series_zip(_series_zip(tmp_path/'series.zip', files, text), tmp_path/'files')
+    class BadList(NBIASource):
+        "A server whose MD5 lists end in a line of an error page."
+        def fetch(self, info, work, on_bytes=None):
+            folder = self.client_files[info.series_uid]
+            return work/'files', extract_series_zip(_series_zip(work/'series.zip', sorted(folder.iterdir()), text), work/'files')
+    with NBIATestServer({'SYNTHETIC': tmp_path/'archive'}) as server:
+        source = BadList(server.url, timeout_s=5, backoff_s=0.01); source.client_files = archive
+        report = download(tmp_path/'raw', source, series_uids=[src.name], attempts=1, progress=False)
+    assert len(report.failures) == 1 and 'md5hashes.csv: row 3 is not' in report.failures[0][1]
+    assert verified_series(tmp_path/'raw') == {}
+    _no_leftovers(tmp_path/'raw')
+
+
+def test_mirror_finds_dicom_by_content(tmp_path):
+    "A mirror whose slices carry no `.dcm` suffix (or no Part 10 preamble) is found, counted and copied; other files are not counted."
+    import pydicom
+    src = write_tiny_series(tmp_path/'archive', n_slices=3)
+    files = sorted(src.glob('*.dcm'))
+    files[0].rename(src/'IM0001')                                   # no suffix
+    ds = pydicom.dcmread(files[1]); files[1].unlink()
+    ds.preamble = None; del ds.file_meta                            # no preamble, no file meta: a bare implicit-VR dataset
+    ds.save_as(src/'IM0002', enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert (src/'IM0002').read_bytes()[128:132] != b'DICM'
+    (src/'notes.dcm').write_text('not DICOM, whatever its name')
+    mirror = MirrorSource(tmp_path/'archive')
+    [info] = mirror.find()
+    assert (info.series_uid, info.image_count) == (src.name, 3)
+    report = download(tmp_path/'raw', mirror, progress=False)
+    assert report.ok, report.failures
+    _assert_identical({src.name: src}, tmp_path/'raw')
