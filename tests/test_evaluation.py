@@ -7,7 +7,8 @@ from conftest import save_checkpoint
 from scipy.spatial import cKDTree
 from lung_tumor_seg.evaluation import (overlap_metrics, hausdorff95_mm, match_nodules, detection_summary, evaluate_volume,
                                        summarize_patients, reader_agreement, slice_level_extras, equivalent_diameter_mm,
-                                       predict_probabilities, evaluate_main, evaluate_run)
+                                       evaluate_main, evaluate_run)
+from lung_tumor_seg.training import predict_probabilities
 
 def box(shape, lo, hi):
     m = np.zeros(shape, bool); m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True; return m

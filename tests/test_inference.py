@@ -7,7 +7,7 @@ from conftest import save_checkpoint
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid, CTImageStorage
 from lung_tumor_seg.core import read_series, load_hu, save_nifti
 from lung_tumor_seg.inference import predict, predict_main, read_volume, load_model
-from lung_tumor_seg.evaluation import remove_small_components
+from lung_tumor_seg.core import remove_small_components
 
 def write_series(folder, hu_zyx, spacing_mm=(2.5, 0.8, 0.8), iop=(1, 0, 0, 0, 1, 0), origin=(-100., -120., -50.), patient_id='SYNTH-0001'):
     "A minimal axial CT series written with pydicom (synthetic test data), slices written in a shuffled order."

@@ -179,9 +179,9 @@ def test_two_process_ddp_on_cpu(prep, tmp_path):
 def test_fp_reduction_is_trained_with_the_unet_and_used_by_evaluate_and_predict(prep, tmp_path):
     from lung_tumor_seg.evaluation import evaluate_run
     from lung_tumor_seg.inference import predict
-    from lung_tumor_seg.fp_reduction import FalsePositiveFilter
+    from lung_tumor_seg.fp_reduction import FalsePositiveFilter, train_main as lungseg_train   # `lungseg train`: the U-Net, then the second stage
     run = tmp_path/'run'
-    assert train_main(['--data', str(prep), '--out', str(run), '--max-epochs', '1', '--set', 'data.context_slices=1', *TINY,
+    assert lungseg_train(['--data', str(prep), '--out', str(run), '--max-epochs', '1', '--set', 'data.context_slices=1', *TINY,
                        '--set', 'fp_reduction.enabled=true', '--set', 'fp_reduction.steps=3', '--set', 'fp_reduction.batch_size=8',
                        '--set', 'fp_reduction.mine_patients=2', '--set', 'fp_reduction.threshold=0.0']) == 0
     path = run/'checkpoints'/'fp_reduction.pt'
