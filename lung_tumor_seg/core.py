@@ -278,7 +278,7 @@ def sorted_slices(files:list, headers:list, gap_tol:float=0.25, warn=True) -> tu
 # %% ../nbs/00_core.ipynb #91706b67
 def is_image_slice(ds) -> bool:
     "True for a DICOM dataset that holds an image slice with position and orientation."
-    return all(hasattr(ds, a) for a in ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'Rows'))
+    return all(a in ds for a in ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'Rows'))
 
 @dataclass
 class DicomSeries:
@@ -304,7 +304,7 @@ class DicomSeries:
         "One line per gap, naming the series and the z positions around it."
         return [f"series {self.series_uid}: {g['missing']} missing slice(s) between z {g['after_mm']:g} and {g['before_mm']:g} mm"
                 for g in self.gaps] + [f"{f}: slice without ImagePositionPatient set aside" for f in self.set_aside]
-    @property
+    @functools.cached_property
     def geometry(self) -> SeriesGeometry:
         h0 = self.headers[0]
         iop = np.asarray(h0.ImageOrientationPatient, float)
@@ -321,7 +321,7 @@ def _describe(uids:dict) -> str:
 
 def read_series(source:str|Path|list, # folder (searched at any depth), or the files of one series
                 series_uid:str|None=None, # keep only this series when the source holds several
-                workers:int=8) -> DicomSeries:
+                workers:int=1) -> DicomSeries: # threads reading headers (parsing holds Python's lock: more only help on slow disks)
     "Read the headers (not the pixels) of a DICOM CT series, found by content whatever the file names, and order its slices."
     if isinstance(source, (str, Path)):
         folder = Path(source)
@@ -329,7 +329,9 @@ def read_series(source:str|Path|list, # folder (searched at any depth), or the f
         paths, skipped = dicom_files(folder)
     else: paths, skipped = [Path(p) for p in source], 0; folder = Path(os.path.commonpath(paths)) if paths else Path('.')
     if folder.is_file(): folder = folder.parent
-    with ThreadPoolExecutor(workers) as ex: headers = list(ex.map(read_header, paths))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex: headers = list(ex.map(read_header, paths))
+    else: headers = [read_header(p) for p in paths]
     pairs = [(p, h) for p, h in zip(paths, headers) if h is not None and 'SeriesInstanceUID' in h and 'Rows' in h
              and (series_uid is None or str(h.SeriesInstanceUID) == series_uid)]
     images = [(p, h) for p, h in pairs if is_image_slice(h)]
@@ -402,27 +404,52 @@ def _slice_hu(ds, raw:np.ndarray|None=None) -> np.ndarray:
     if pad is not None: hu[raw == pad] = AIR_HU
     return np.maximum(hu, AIR_HU, out=hu)  # below air is outside the field of view
 
-def _decoded_slice(path, header) -> np.ndarray:
+_MARKER_SYNTAXES = set(pydicom.uid.JPEGTransferSyntaxes + pydicom.uid.JPEGLSTransferSyntaxes + pydicom.uid.JPEG2000TransferSyntaxes)
+
+_J2K_SYNTAXES = set(pydicom.uid.JPEG2000TransferSyntaxes)
+
+@functools.lru_cache(None)
+def _has_gdcm() -> bool:
+    import importlib.util
+    return importlib.util.find_spec('gdcm') is not None
+
+def _check_frames_end(ds):
+    "Raise when a JPEG, JPEG-LS or JPEG 2000 frame lacks its end marker (FF D9): some decoders fill a truncated frame in silently."
+    from pydicom.encaps import generate_frames
+    for frame in generate_frames(ds.PixelData, number_of_frames=int(ds.get('NumberOfFrames', 1) or 1)):
+        if not (frame[-2:] == b'\xff\xd9' or (frame[-3:-1] == b'\xff\xd9' and frame[-1:] == b'\x00')):
+            raise ValueError("a compressed frame is truncated (no end-of-image marker)")
+
+def _decoder_message(e:Exception) -> str:
+    "The informative part of a decoding error, on one line (pydicom lists each plugin's complaint below a general first line)."
+    lines = [' '.join(l.split()) for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    text = '; '.join(lines[1:3]) if len(lines) > 1 and lines[0].endswith(':') else lines[0]
+    return text if len(text) <= 300 else text[:297] + '...'
+
+def _decoded_slice(path, header) -> np.ndarray: # header: the file's header when already read (None: read it with the pixels)
     "HU of one slice: the raw bytes when uncompressed, else pydicom's pixel handlers; one line naming file and syntax on failure."
-    raw = _native_pixels(path, header)
+    raw = _native_pixels(path, header) if header is not None else None
     if raw is not None: return _slice_hu(header, raw)
     try:
         ds = pydicom.dcmread(path, force=True)
         if 'TransferSyntaxUID' not in ds.file_meta:   # a file without preamble: the encoding pydicom found
             ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if ds.original_encoding[0] else pydicom.uid.ExplicitVRLittleEndian
+        if ds.file_meta.TransferSyntaxUID in _MARKER_SYNTAXES: _check_frames_end(ds)
+        if ds.file_meta.TransferSyntaxUID in _J2K_SYNTAXES and _has_gdcm():   # GDCM's JPEG 2000 decoder: a third faster than openjpeg's plugin
+            try: return _slice_hu(ds, pydicom.pixels.pixel_array(ds, decoding_plugin='gdcm'))
+            except Exception: pass                                            # the other plugins, below
         return _slice_hu(ds)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LungsegError(f"{path}: pixel data in {transfer_syntax_name(header)} could not be decoded ({msg})") from None
+        syntax = transfer_syntax_name(header if header is not None else pydicom.dcmread(path, stop_before_pixels=True, force=True))
+        raise LungsegError(f"{path}: pixel data in {syntax} could not be decoded ({_decoder_message(e)})") from None
 
-def load_hu(series:DicomSeries, workers:int=4, dtype=np.int16) -> np.ndarray:
-    "HU volume `(z, y, x)` of a series on its regular z grid (gaps filled along z by position), slices read in parallel."
-    def _read(k): return _decoded_slice(series.files[k], series.headers[k])
+def load_hu(series:DicomSeries, dtype=np.int16) -> np.ndarray:
+    "HU volume `(z, y, x)` of a series on its regular z grid (gaps filled along z by position)."
     vol = np.empty(series.geometry.shape, dtype)
     lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
-    with ThreadPoolExecutor(workers) as ex:
-        for k, hu in zip(series.slice_index, ex.map(_read, range(len(series.files)))):
-            vol[k] = hu if hu.dtype == np.int32 or dtype != np.int16 else np.clip(hu, lo, hi)
+    for k, path, header in zip(series.slice_index, series.files, series.headers):
+        hu = _decoded_slice(path, header)   # one slice at a time: parsing holds Python's lock, GDCM's JPEG 2000 decoder has its own threads
+        vol[k] = hu if hu.dtype == np.int32 or dtype != np.int16 else np.clip(hu, lo, hi)
     if series.gaps: fill_missing_slices(vol, series.slice_index)
     return vol
 
