@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from .core import LungsegError, atomic_path, cli_command
+from .core import LungsegError, atomic_path, cli_command, machine_description
 from .demo import DEMO_PATIENTS
 
 # %% auto #0
-__all__ = ['ROW_FIELDS', 'SECTIONS', 'bench_row', 'Timing', 'time_call', 'time_side_by_side', 'memory_mb', 'machine_row',
-           'bench_settings', 'scaling_rows', 'markdown_table', 'write_results', 'load_results', 'run_bench',
-           'bench_main']
+__all__ = ['ROW_FIELDS', 'SECTIONS', 'bench_row', 'Timing', 'time_call', 'time_side_by_side', 'machine_row', 'bench_settings',
+           'scaling_rows', 'markdown_table', 'write_results', 'load_results']
 
 # %% ../nbs/12_bench.ipynb #e89097c9
 ROW_FIELDS = ('name', 'ours', 'peer', 'ratio', 'unit', 'higher_is_better', 'notes')
@@ -85,25 +84,9 @@ def time_side_by_side(fns:dict,                 # name -> the work, called witho
     return {name: Timing(float(np.median(t)), float(min(t)), float(max(t)), repeats) for name, t in times.items()}
 
 # %% ../nbs/12_bench.ipynb #244362cc
-def _cpu_model() -> str:
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or 'unknown CPU'
-
-def memory_mb() -> float|None:
-    "The machine's memory in MB (None when the OS does not say)."
-    try: return int(next(l.split()[1] for l in open('/proc/meminfo') if l.startswith('MemTotal')))/1024
-    except (OSError, StopIteration): return None
-
 def machine_row() -> dict:
-    "The row `machine`: torch threads over CPU cores, and the machine described in `notes`."
-    import numpy, lung_tumor_seg
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'
-    load = ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
-    mem = memory_mb()
-    notes = (f"{platform.platform()}; {_cpu_model()}; {os.cpu_count()} logical CPUs; "
-             f"{'%.0f MB RAM; ' % mem if mem else ''}{gpu}; python {platform.python_version()}, torch {torch.__version__}, "
-             f"numpy {numpy.__version__}, lung_tumor_seg {lung_tumor_seg.__version__}; load average at start {load}")
-    return bench_row('machine', torch.get_num_threads(), os.cpu_count(), 'threads / CPUs', None, notes)
+    "The row `machine`: torch threads over CPU cores, and the machine described in `notes` (`core.machine_description`)."
+    return bench_row('machine', torch.get_num_threads(), os.cpu_count(), 'threads / CPUs', None, machine_description())
 
 # %% ../nbs/12_bench.ipynb #2a43ecc6
 SECTIONS = ('masks', 'dicom', 'train', 'loader', 'inference', 'demo', 'scaling')
@@ -174,69 +157,3 @@ def load_results(path:str|Path) -> list|None:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and set(ROW_FIELDS) <= set(r) for r in rows):
         raise LungsegError(f"{path}: not a list of benchmark rows")
     return rows
-
-# %% ../nbs/12_bench.ipynb #edac402e
-def _failed(section:str, e:Exception) -> dict:
-    return bench_row(f'{section}_failed', None, None, '', None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-
-def run_bench(settings:dict, work_dir:Path, demo_metrics:Path|None=None, log=print) -> list:
-    "All rows of a benchmark run with `settings` (see `bench_settings`); scratch output goes to `work_dir`."
-    from lung_tumor_seg.bench_sections import (annotation_ids, bench_masks, bench_mask_scaling, bench_series, bench_dicom,
-        bench_training, bench_loader, bench_prep, bench_prep_scaling, bench_inference, bench_demo, demo_model, train_step,
-        conv_peak_gflops)
-    s, rows, state = settings, [machine_row()], {}
-    def section(name, fn):
-        if name not in s['sections']: return
-        log(f"[bench] {name} ..."); t0 = time.perf_counter()
-        try: rows.extend(fn())
-        except Exception as e: rows.append(_failed(name, e))
-        log(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s")
-    section('masks', lambda: bench_masks(annotation_ids(s['mask_annotations'], s['seed']), s['repeats'], s['warmup']))
-    section('dicom', lambda: bench_dicom(bench_series(s['series_slices'], s['seed']), s['series_repeats'], s['warmup'],
-                                         s['series_syntaxes'], s['compressed_slices']))
-    def train():
-        out, state['demo_ips'] = bench_training(s)
-        state['peak'] = next((r['peer'] for r in out if r['name'] == 'train_fraction_of_conv_peak'), None)
-        return out
-    section('train', train)
-    def loader():
-        if 'demo_ips' not in state:     # training section skipped: measure the consumption here
-            state['demo_ips'] = s['train_batch'] / time_call(train_step(demo_model().net, demo_model().loss_fn, s['train_batch']),
-                                                             s['repeats'], s['warmup']).median_s
-        return bench_loader(bench_prep(s['phantom_patients'], s['seed']), state['demo_ips'], s['loader_batches'], s['repeats'])
-    section('loader', loader)
-    def inference():
-        if 'peak' not in state: state['peak'] = conv_peak_gflops(**s['conv_peak'], repeats=s['repeats'], warmup=s['warmup'])[0]
-        return bench_inference(bench_series(s['series_slices'], s['seed']), s['inference_repeats'],
-                               1 if s['inference_repeats'] > 1 else 0, state['peak'])
-    section('inference', inference)
-    section('demo', lambda: bench_demo(s['demo'], Path(work_dir)/'demo', demo_metrics))
-    def scaling():
-        return (bench_mask_scaling(s['mask_scaling'], s['seed'], s['repeats']) +
-                bench_prep_scaling(s['phantom_patients'], s['prep_patients'], s['prep_workers'], s['seed']))
-    section('scaling', scaling)
-    return rows
-
-# %% ../nbs/12_bench.ipynb #e527abc8
-@cli_command
-def bench_main(argv:list[str]|None=None) -> int:
-    "Entry point of `lungseg bench`."
-    p = argparse.ArgumentParser(prog='lungseg bench', description='Measure the pipeline against its peers and limits; write rows as JSON and a Markdown table.')
-    p.add_argument('--quick', action='store_true', help='small settings: a run of a few minutes (sampled annotations, reduced demo, no torch.compile)')
-    p.add_argument('--json', type=Path, required=True, help='write the rows here (a JSON list)')
-    p.add_argument('--md', type=Path, default=None, help='also write the Markdown table here')
-    p.add_argument('--only', default=None, help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
-    p.add_argument('--demo-metrics', type=Path, default=None, help="read the demo rows from this metrics.json instead of running the demo")
-    p.add_argument('--work', type=Path, default=None, help='scratch folder (default: a temporary folder)')
-    a = p.parse_args(argv)
-    if a.demo_metrics and not a.demo_metrics.is_file(): raise LungsegError(f"{a.demo_metrics}: demo metrics file not found")
-    settings = bench_settings(a.quick, a.only.split(',') if a.only else None)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix='lungseg-bench-') as tmp:
-        rows = run_bench(settings, a.work or Path(tmp), a.demo_metrics, log=lambda m: print(m, file=sys.stderr, flush=True))
-    wall_s = time.perf_counter() - t0
-    if a.quick: rows.append(bench_row('bench_wall_s', wall_s, 600, 's', False, 'this --quick run; limit = 10 minutes'))
-    else: rows[0]['notes'] += f'; this run took {wall_s:.0f} s'
-    write_results(rows, a.json, a.md)
-    print(markdown_table(rows))
-    return 0

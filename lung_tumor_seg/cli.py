@@ -20,7 +20,7 @@ SUBCOMMANDS = {  # name: (module, function, one-line help)
     'evaluate':    ('lung_tumor_seg.evaluation',    'evaluate_main',    'Per-patient 3D metrics and nodule detection of a trained run'),
     'predict':     ('lung_tumor_seg.inference',     'predict_main',     'Segment a DICOM series or NIfTI volume: NIfTI mask, optional DICOM SEG'),
     'demo':        ('lung_tumor_seg.demo',          'demo_main',        'Run the whole chain on the synthetic phantom and write a report'),
-    'bench':       ('lung_tumor_seg.bench',         'bench_main',       'Measure the pipeline against its peers and limits'),
+    'bench':       ('lung_tumor_seg.bench_sections', 'bench_main',       'Measure the pipeline against its peers and limits'),
 }
 
 def usage() -> str:

@@ -19,7 +19,7 @@ __all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'CONNECTIVITY_26', 'LungsegErr
            'is_dicom_file', 'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats', 'slice_position',
            'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices',
            'transfer_syntax_name', 'load_hu', 'save_nifti', 'label_components', 'nonzero_box',
-           'remove_small_components']
+           'remove_small_components', 'memory_mb', 'machine_description']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
@@ -496,3 +496,27 @@ def remove_small_components(mask:np.ndarray,      # binary mask (z, y, x)
     keep = volume_mm3 >= min_volume_mm3; keep[0] = False
     out = np.zeros(mask.shape, np.uint8); out[box] = keep[labels]
     return out
+
+# %% ../nbs/00_core.ipynb #d18850e5
+def _cpu_model() -> str:
+    import platform
+    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor() or 'unknown CPU'
+
+def memory_mb() -> float|None:
+    "The machine's memory in MB (None when the OS does not say)."
+    try: return int(next(l.split()[1] for l in open('/proc/meminfo') if l.startswith('MemTotal')))/1024
+    except (OSError, StopIteration): return None
+
+def machine_description() -> str:
+    "One line describing this machine: platform, CPU, cores, memory, GPU, library versions and load."
+    import platform, lung_tumor_seg
+    try:
+        import torch
+        gpu, torch_version = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'), torch.__version__
+    except ImportError: gpu, torch_version = 'torch not installed', 'none'
+    load = ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
+    mem = memory_mb()
+    return (f"{platform.platform()}; {_cpu_model()}; {os.cpu_count()} logical CPUs; "
+            f"{'%.0f MB RAM; ' % mem if mem else ''}{gpu}; python {platform.python_version()}, torch {torch_version}, "
+            f"numpy {np.__version__}, lung_tumor_seg {lung_tumor_seg.__version__}; load average at start {load}")

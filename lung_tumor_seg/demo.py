@@ -90,7 +90,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
     "Run the whole pipeline on the synthetic phantom; returns the metrics written to `out/metrics.json`."
     from lung_tumor_seg.phantom import cached_phantom
     from lung_tumor_seg.training import config_path, resolve_precision
-    from lung_tumor_seg.bench import machine_row
+    from lung_tumor_seg.core import machine_description
     out, sw = Path(out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     raw, ann, masks, prep, run = (out/p for p in ('raw', 'annotations', 'masks', 'prep', 'run'))
@@ -118,7 +118,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
                                                     '--out', out/'prediction', '--seg', *DEMO_POSTPROCESS])
         figures += sorted((out/'prediction').glob('*.gif'))
     metrics = dict(metrics, data='synthetic LIDC-geometry phantom', phantom_patients=n_patients, seed=seed,
-                   stage_seconds=sw.times, demo_wall_s=sw.total, machine=machine_row()['notes'],
+                   stage_seconds=sw.times, demo_wall_s=sw.total, machine=machine_description(),
                    native_bf16=resolve_precision('auto') == 'bf16-mixed',
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, 1))
     write_report(out, metrics, patients, human, sw.times, figures)

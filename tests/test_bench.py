@@ -3,8 +3,8 @@ import json
 import pytest
 from lung_tumor_seg.core import LungsegError
 from lung_tumor_seg.bench import (ROW_FIELDS, SECTIONS, bench_row, time_call, machine_row, bench_settings, markdown_table,
-                                  write_results, load_results, scaling_rows, bench_main)
-from lung_tumor_seg.bench_sections import demo_rows
+                                  write_results, load_results, scaling_rows)
+from lung_tumor_seg.bench_sections import demo_rows, bench_main
 
 REQUIRED = ['masks_speedup_vs_pylidc', 'masks_dice_vs_pylidc', 'masks_identical_share', 'dicom_load_ratio_vs_simpleitk',
             'loader_over_model_throughput', 'train_images_per_s', 'train_fraction_of_conv_peak', 'inference_s_per_volume',
