@@ -262,7 +262,8 @@ def sorted_slices(files:list, headers:list, gap_tol:float=0.25, warn=True) -> tu
     z = pos[keep]
     grid, gaps = np.arange(len(z)), []
     if len(z) > 2:
-        steps = np.diff(z); step = float(np.median(steps))
+        steps = np.diff(z)
+        step = float(np.median(steps[steps < 1.5*steps.min()]))   # the regular step: gaps are multiples of it
         grid = np.rint((z - z[0])/step).astype(int)
         off = np.abs(z - z[0] - grid*step)
         if off.max() > gap_tol*step or len(set(grid)) < len(grid):

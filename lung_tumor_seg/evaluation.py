@@ -336,7 +336,8 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
     if prep_dir is None:
         config = run_dir/'config.yaml'
         if not config.is_file(): raise LungsegError(f"{config}: not found; pass the preprocessed folder (--data)")
-        prep_dir = (yaml.safe_load(config.read_text()) or {}).get('prep_dir')
+        saved = yaml.safe_load(config.read_text()) or {}
+        prep_dir = (saved.get('data') or {}).get('prep_dir') or saved.get('prep_dir')   # older runs kept it at the top
         if not prep_dir: raise LungsegError(f"{config}: names no prep_dir; pass the preprocessed folder (--data)")
     settings = read_preprocess_settings(prep_dir)
     model = load_checkpoint(checkpoint, expect=dict(image_size=settings.get('image_size'), window=settings.get('window')))

@@ -383,7 +383,7 @@ def second_stage(checkpoint:str|Path, # the best U-Net checkpoint of a run
                 ) -> Path|None:
     "Train the candidate classifier after the U-Net when the configuration enables it; its file, or None."
     if not config['fp_reduction']['enabled']: return None
-    return train_fp_reduction(checkpoint, prep_dir, config['fp_reduction'], verbose=config['trainer']['progress_bar'])
+    return train_fp_reduction(checkpoint, prep_dir, config['fp_reduction'], verbose=config['trainer'].get('enable_progress_bar') is not False)
 
 @cli_command
 def train_main(argv:list[str]|None=None) -> int:

@@ -5,6 +5,7 @@
 # %% ../nbs/08_training.ipynb #52f753d0
 from __future__ import annotations
 import argparse, copy, functools, inspect, json, math, sys, zlib
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np, torch, yaml
 from torch import nn
@@ -18,75 +19,130 @@ from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet, fold_batchnorm
 
 # %% auto #0
-__all__ = ['FP_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'config_path', 'load_config', 'CropDiceLoss',
-           'make_loss', 'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings',
-           'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision',
-           'make_trainer', 'predict_probabilities', 'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint',
-           'train_main', 'epoch_minutes']
+__all__ = ['FP_DEFAULTS', 'PROJECT_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'OptimSettings',
+           'TrainSettings', 'ValSettings', 'EarlyStoppingSettings', 'SecondStageSettings', 'config_parser',
+           'config_path', 'read_config_file', 'load_config', 'CropDiceLoss', 'make_loss', 'warmup_cosine',
+           'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
+           'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision', 'make_trainer', 'predict_probabilities',
+           'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
+
+# %% ../nbs/08_training.ipynb #d7b5723c
+@dataclass
+class OptimSettings:
+    "AdamW with a linear warm-up, then a cosine decay per step."
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50      # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
+    min_lr_ratio: float = 0.01  # final lr = lr * min_lr_ratio
+
+@dataclass
+class TrainSettings:
+    "How training batches are used."
+    crop_size: int|None = None    # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
+    ema_decay: float|None = None  # validate and checkpoint an exponential moving average of the weights (e.g. 0.99); None: the weights
+
+@dataclass
+class ValSettings:
+    "How validation volumes are predicted and thresholded."
+    chunk_slices: int = 32        # slices per forward pass when predicting a validation volume
+    threshold: float = 0.5        # probability above which a voxel is tumour
+
+@dataclass
+class EarlyStoppingSettings:
+    "Early stopping on the validation per-patient 3D Dice."
+    patience: int = 10
+    min_delta: float = 0.0
 
 # %% ../nbs/08_training.ipynb #3725b8fb
-FP_DEFAULTS = dict(
-    enabled=False,          # `lungseg train` trains the classifier after the U-Net (checkpoints/fp_reduction.pt)
-    patch_slices=17,        # z positions of a patch ...
-    patch_z_mm=2.0,         # ... this far apart (±16 mm), linear between stored slices
-    patch_pixels=40,        # rows and columns of a patch, in stored pixels (±16 mm at 0.8 mm)
-    width=8,                # channels of the first 3D convolutions
-    mine_patients=32,       # training patients the U-Net predicts, to collect its false positives (the hard negatives)
-    positive_copies=3,      # jittered patches per training nodule
-    mined_copies=4,         # jittered patches per mined false positive
-    random_negatives=8,     # patches per training patient at random dense points inside the lung
-    steps=200, batch_size=64, lr=2e-3, weight_decay=1e-4,
-    threshold=0.5,          # components the U-Net predicts at this probability are the candidates
-    min_volume_mm3=10.0,    # ... when at least this large
-    keep_score=0.5,         # a candidate is kept when the classifier's probability is at least this
-    peak_copies=3,          # jittered patches per training nodule centred on its densest point (where a dense blob sits)
-    blob_copies=1,          # patches per dense blob of the mined patients that is not a nodule
-    dense_hu=-400.0,        # tissue denser than this (HU, halfway from lung to soft tissue) makes up the blobs
-    blob_min_radius_mm=1.8, # a blob's centre lies at least this far inside dense tissue (nodules of about 5 mm and up)
-    blob_max_radius_mm=16.0,
-    blob_spacing_mm=3.0,    # blob centres are the densest points within this distance
-    blob_lung_share=0.3,    # least share of lung in the 3 mm shell around a blob (not deep in the chest wall)
-    recall_score=0.7,       # a blob the U-Net missed is added when the classifier scores it at least this (None: off)
-    blob_grow=1.25,         # an added blob is its dense tissue within this many times its radius (+1 mm) of the centre
-    seed=0)
+@dataclass
+class SecondStageSettings:
+    "Settings of the second stage (`fp_reduction`): a 3D classifier of the U-Net's candidates, trained after it."
+    enabled: bool = False           # `lungseg train` trains the classifier after the U-Net (checkpoints/fp_reduction.pt)
+    patch_slices: int = 17          # z positions of a patch ...
+    patch_z_mm: float = 2.0         # ... this far apart (±16 mm), linear between stored slices
+    patch_pixels: int = 40          # rows and columns of a patch, in stored pixels (±16 mm at 0.8 mm)
+    width: int = 8                  # channels of the first 3D convolutions
+    mine_patients: int = 32         # training patients the U-Net predicts, to collect its false positives (the hard negatives)
+    positive_copies: int = 3        # jittered patches per training nodule
+    mined_copies: int = 4           # jittered patches per mined false positive
+    random_negatives: int = 8       # patches per training patient at random dense points inside the lung
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    threshold: float = 0.5          # components the U-Net predicts at this probability are the candidates
+    min_volume_mm3: float = 10.0    # ... when at least this large
+    keep_score: float = 0.5         # a candidate is kept when the classifier's probability is at least this
+    peak_copies: int = 3            # jittered patches per training nodule centred on its densest point (where a dense blob sits)
+    blob_copies: int = 1            # patches per dense blob of the mined patients that is not a nodule
+    dense_hu: float = -400.0        # tissue denser than this (HU, halfway from lung to soft tissue) makes up the blobs
+    blob_min_radius_mm: float = 1.8 # a blob's centre lies at least this far inside dense tissue (nodules of about 5 mm and up)
+    blob_max_radius_mm: float = 16.0
+    blob_spacing_mm: float = 3.0    # blob centres are the densest points within this distance
+    blob_lung_share: float = 0.3    # least share of lung in the 3 mm shell around a blob (not deep in the chest wall)
+    recall_score: float|None = 0.7  # a blob the U-Net missed is added when the classifier scores it at least this (None: off)
+    blob_grow: float = 1.25         # an added blob is its dense tissue within this many times its radius (+1 mm) of the centre
+    seed: int = 0
+
+FP_DEFAULTS = asdict(SecondStageSettings())
 
 # %% ../nbs/08_training.ipynb #605f76ba
-DEFAULT_CONFIG = {
-    'seed': 0,
-    'threads': None,                        # torch intra-op threads during training (None: torch's default, one per core)
-    'model': dict(base_width=16, depth=4, bilinear=True, dropout=0.1, prior=0.01, channels_last=False),
-    'loss': dict(name='dice_focal'),        # bce | dice | focal | dice_focal | dice_bce | crop_dice_focal | crop_dice_bce | tversky, plus options
-    'optim': dict(lr=2e-3, weight_decay=1e-4,
-                  warmup_steps=50,          # linear warm-up from lr/warmup_steps to lr, then cosine decay per step
-                  min_lr_ratio=0.01),       # final lr = lr * min_lr_ratio
-    'data': dict(batch_size=16, context_slices=0, augment=True, sampler='inverse_frequency', num_workers=None,
-                 oversample_factor=4.0, flips=False, z_flip=False,
-                 context_mm=None,           # 2.5D neighbours this far apart in z, in mm (None: adjacent slices)
-                 context_jitter=0.0),       # training items scale that spacing by a random factor in 1 ± this
-    'train': dict(crop_size=None,           # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
-                  ema_decay=None),          # validate and checkpoint an exponential moving average of the weights (e.g. 0.99); None: the weights
-    'val': dict(chunk_slices=32,            # slices per forward pass when predicting a validation volume
-                threshold=0.5),             # probability above which a voxel is tumour
-    'trainer': dict(max_epochs=20, limit_train_batches=None, accelerator='auto', devices='auto', strategy='auto', num_nodes=1,
-                    precision='auto',       # auto: bf16-mixed where the GPU or CPU computes bf16 natively, else 32-true
-                    gradient_clip_val=1.0, log_every_n_steps=10, num_sanity_val_steps=1, check_val_every_n_epoch=1,
-                    deterministic='auto',   # auto: deterministic on CPU, fast kernels on GPU
-                    progress_bar=True, model_summary=True),
-    'early_stopping': dict(patience=10, min_delta=0.0),
-    'fp_reduction': FP_DEFAULTS,            # second stage: a 3D classifier of the U-Net's candidates (see fp_reduction); enabled: False
-}
+PROJECT_DEFAULTS = {   # where this project's defaults differ from those of the class that takes the setting
+    'model.prior': 0.01,                # UNet: start at 1% foreground probability (tumour pixels are rare)
+    'trainer.max_epochs': 20, 'trainer.gradient_clip_val': 1.0, 'trainer.log_every_n_steps': 10, 'trainer.num_sanity_val_steps': 1}
+_TRAINER_OWN = {'callbacks', 'logger', 'default_root_dir', 'plugins', 'precision', 'deterministic', 'enable_checkpointing'}
 
-def _merge(base:dict, update:dict, where:str, path:str='') -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        name = f"{path}{key}"
-        if key not in base and path != 'loss.':
-            raise LungsegError(f"{where}: unknown setting {name!r} (known: {', '.join(f'{path}{k}' for k in base)})")
-        if isinstance(base.get(key), float) and isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
-            try: value = float(value)
-            except ValueError: raise LungsegError(f"{where}: setting {name!r} must be a number, got {value!r}") from None
-        out[key] = _merge(base[key], value, where, f"{name}.") if isinstance(base.get(key), dict) and isinstance(value, dict) else value
-    return out
+def config_parser(prog:str='lungseg train') -> 'jsonargparse.ArgumentParser':
+    "The typed parser of a training configuration: every setting of the model, data, loss, optimiser, Trainer and second stage."
+    from jsonargparse import ArgumentParser
+    from lung_tumor_seg.dataset import LungDataModule
+    p = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, default_env=False,
+                       description="Train the 2D U-Net on a preprocessed folder; every setting below can come from a YAML file "
+                                   "(--config, a path or a packaged name: demo, lidc_full, task06_full) or the command line.")
+    p.add_argument('--seed', type=int, default=0, help='seed of the weights, the sampling and the augmentation')
+    p.add_argument('--threads', type=int|None, default=None, help="torch intra-op threads during training (None: torch's default, one per core)")
+    p.add_class_arguments(UNet, 'model', skip={'in_channels', 'out_channels'})
+    p.add_argument('--loss', type=dict, default=dict(name='dice_focal'), help='dict(name=..., **options): a loss of make_loss (LOSSES) and its options')
+    p.add_class_arguments(OptimSettings, 'optim')
+    p.add_argument('--data.prep_dir', type=str|None, default=None, help='preprocessed folder (lungseg preprocess); also --data')
+    p.add_class_arguments(LungDataModule, 'data', skip={'prep_dir', 'source', 'preprocess_settings', 'seed', 'crop_size'})
+    p.add_class_arguments(TrainSettings, 'train')
+    p.add_class_arguments(ValSettings, 'val')
+    p.add_class_arguments(L.Trainer, 'trainer', skip=_TRAINER_OWN)
+    p.add_argument('--trainer.precision', type=str, default='auto', help='auto: bf16-mixed where the GPU or CPU computes bf16 natively, else 32-true')
+    p.add_argument('--trainer.deterministic', type=bool|str, default='auto', help='auto: deterministic on CPU, fast kernels on GPU')
+    p.add_class_arguments(EarlyStoppingSettings, 'early_stopping')
+    p.add_class_arguments(SecondStageSettings, 'fp_reduction')
+    p.set_defaults(PROJECT_DEFAULTS)
+    return p
+
+def _as_config(namespace) -> dict:
+    "A parsed namespace as the nested dictionary the training code reads."
+    d = namespace.as_dict()
+    d.pop('config', None); d.pop('__path__', None)
+    return d
+
+DEFAULT_CONFIG = _as_config(config_parser().get_defaults())
+
+# %% ../nbs/08_training.ipynb #fda3c6ac
+_RENAMED = {('trainer', 'progress_bar'): ('trainer', 'enable_progress_bar'),   # names of settings before the typed configuration
+            ('trainer', 'model_summary'): ('trainer', 'enable_model_summary')}
+
+def _upgrade(loaded:dict) -> dict:
+    "A configuration of an older run in today's names: `prep_dir` inside `data`, Lightning's names for the Trainer's switches."
+    loaded = copy.deepcopy(loaded)
+    if 'prep_dir' in loaded: loaded.setdefault('data', {})['prep_dir'] = loaded.pop('prep_dir')
+    for (section, old), (_, new) in _RENAMED.items():
+        if isinstance(loaded.get(section), dict) and old in loaded[section]: loaded[section][new] = loaded[section].pop(old)
+    return loaded
+
+def _one_line_error(e:Exception) -> str:
+    "A jsonargparse error on one line, in the words of this project: the setting, the type expected, the value given."
+    import re
+    text = ' '.join(str(e).split())
+    text = re.sub(r"Group '([\w.]+)' does not accept option '(\w+)'", r"unknown setting '\1.\2'", text)
+    text = re.sub(r'Parser key "([\w.]+)":', r"setting '\1':", text)
+    return re.sub(r"<class '(\w+)'>", r"\1", text)
 
 def config_path(name:str # a configuration shipped with the package: `demo`, `lidc_full` or `task06_full`
                ) -> Path:
@@ -98,26 +154,40 @@ def config_path(name:str # a configuration shipped with the package: `demo`, `li
         raise LungsegError(f"{name}: no such configuration file, nor a packaged configuration ({', '.join(known)})")
     return path
 
-def load_config(path:str|Path|None=None, # YAML file of settings that differ from `DEFAULT_CONFIG`, or a packaged name ('demo')
-                overrides:dict|None=None # more settings, nested or dotted ({'trainer.max_epochs': 3})
-               ) -> dict:
-    "The effective training configuration: defaults, then the YAML file, then `overrides`."
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    if path is not None:
-        path = Path(path) if Path(path).suffix or Path(path).is_file() else config_path(str(path))
-        if not path.is_file(): raise LungsegError(f"{path}: configuration file not found")
-        try: loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e: raise LungsegError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict): raise LungsegError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        loaded.pop('prep_dir', None)   # a run's config.yaml names its data; the data is chosen on the command line
-        config = _merge(config, loaded, str(path))
-    nested = {}
-    for key, value in (overrides or {}).items():
+def read_config_file(path:str|Path) -> tuple:
+    "(path, settings) of a YAML configuration file or packaged name, in today's names (older runs' files are upgraded)."
+    path = Path(path) if Path(path).suffix or Path(path).is_file() else config_path(str(path))
+    if not path.is_file(): raise LungsegError(f"{path}: configuration file not found")
+    try: loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise LungsegError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict): raise LungsegError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    return path, _upgrade(loaded)
+
+def _nested(overrides:dict) -> dict:
+    out = {}
+    for key, value in overrides.items():
         *parents, leaf = key.split('.')
-        node = nested
+        node = out
         for p in parents: node = node.setdefault(p, {})
         node[leaf] = value
-    return _merge(config, nested, 'overrides')
+    return out
+
+def load_config(path:str|Path|None=None, # YAML file of settings that differ from the defaults, or a packaged name ('demo')
+                overrides:dict|None=None # more settings, nested or dotted ({'trainer.max_epochs': 3})
+               ) -> dict:
+    "The effective training configuration, checked and typed: defaults, then the YAML file, then `overrides`."
+    parser, config = config_parser(), copy.deepcopy(DEFAULT_CONFIG)
+    layers = ([read_config_file(path)] if path is not None else []) + ([('overrides', _upgrade(_nested(overrides)))] if overrides else [])
+    for where, layer in layers:
+        if isinstance(layer.get('loss'), dict): layer['loss'] = config['loss'] | layer['loss']   # loss options add to the loss's
+        try: config = _as_config(parser.parse_object(_nested_merge(config, layer)))
+        except Exception as e: raise LungsegError(f"{where}: {_one_line_error(e)}") from None
+    return config
+
+def _nested_merge(base:dict, update:dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items(): out[k] = _nested_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != 'loss' else v
+    return out
 
 # %% ../nbs/08_training.ipynb #7dcf7ae6
 class CropDiceLoss(nn.Module):
@@ -339,13 +409,10 @@ def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:
     if config['train'].get('ema_decay'):   # validation, checkpoints and the final weights use the average
         callbacks.append(EMAWeightAveraging(decay=float(config['train']['ema_decay']), update_starting_at_step=config['optim']['warmup_steps']))
     loggers = [TensorBoardLogger(run_dir/'logs', name='tensorboard', version=''), CSVLogger(run_dir/'logs', name='csv', version='')]
-    deterministic = (not torch.cuda.is_available() or t['accelerator'] == 'cpu') if t['deterministic'] == 'auto' else t['deterministic']
-    return L.Trainer(accelerator=t['accelerator'], devices=t['devices'], strategy=t['strategy'], num_nodes=t['num_nodes'],
-                     precision=resolve_precision(t['precision'], t['accelerator']), max_epochs=t['max_epochs'],
-                     limit_train_batches=t['limit_train_batches'], gradient_clip_val=t['gradient_clip_val'],
-                     log_every_n_steps=t['log_every_n_steps'], num_sanity_val_steps=t['num_sanity_val_steps'],
-                     check_val_every_n_epoch=t['check_val_every_n_epoch'], deterministic=deterministic,
-                     enable_progress_bar=t['progress_bar'], enable_model_summary=t['model_summary'],
+    t = {k: v for k, v in t.items() if k not in ('precision', 'deterministic')}   # every other Trainer option as configured
+    deterministic = config['trainer']['deterministic']
+    if deterministic == 'auto': deterministic = not torch.cuda.is_available() or t['accelerator'] == 'cpu'
+    return L.Trainer(**t, precision=resolve_precision(config['trainer']['precision'], t['accelerator']), deterministic=deterministic,
                      callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
 # %% ../nbs/08_training.ipynb #405d00d9
@@ -383,7 +450,8 @@ def path_safe_globals():
 def make_datamodule(prep_dir:str|Path, config:dict) -> L.LightningDataModule:
     "The `LungDataModule` of `prep_dir` with the `data` section of `config`; it serves `train.crop_size` crops."
     from lung_tumor_seg.dataset import LungDataModule
-    return LungDataModule(prep_dir, seed=config['seed'], crop_size=config['train']['crop_size'], **config['data'])
+    data = {k: v for k, v in config['data'].items() if k != 'prep_dir'}
+    return LungDataModule(prep_dir, seed=config['seed'], crop_size=config['train']['crop_size'], **data)
 
 def train(prep_dir:str|Path,               # preprocessed folder (`lungseg preprocess`)
           out_dir:str|Path,                # run folder: checkpoints/, logs/, config.yaml, val_panel.png
@@ -403,7 +471,8 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
     datamodule = datamodule or make_datamodule(prep_dir, config)
     trainer = make_trainer(config, run_dir)
     if rank_zero_only.rank == 0:
-        with atomic_path(run_dir/'config.yaml', '.yaml') as tmp: tmp.write_text(yaml.safe_dump({'prep_dir': str(prep_dir)} | config, sort_keys=False))
+        resolved = copy.deepcopy(config); resolved['data']['prep_dir'] = str(prep_dir)   # the full resolved configuration of the run
+        with atomic_path(run_dir/'config.yaml', '.yaml') as tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
     threads = torch.get_num_threads()
     if config['threads']: torch.set_num_threads(int(config['threads']))
     try:
@@ -440,34 +509,57 @@ def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`
     return module.eval()
 
 # %% ../nbs/08_training.ipynb #7b93eaab
-def _devices(value:str): return int(value) if value.isdigit() else value
+_SHORT_FLAGS = {'--data': '--data.prep_dir', '--max-epochs': '--trainer.max_epochs', '--limit-train-batches': '--trainer.limit_train_batches',
+                '--batch-size': '--data.batch_size', '--lr': '--optim.lr', '--num-workers': '--data.num_workers',
+                '--accelerator': '--trainer.accelerator', '--devices': '--trainer.devices', '--strategy': '--trainer.strategy',
+                '--num-nodes': '--trainer.num_nodes', '--precision': '--trainer.precision'}
+
+def _train_argv(argv:list) -> tuple:
+    "Command-line words in the parser's terms, and the configuration files named: short flags spelt out, files read and upgraded."
+    out, files, it = [], [], iter(argv)
+    for word in it:
+        flag, eq, value = word.partition('=')
+        if flag == '--config':
+            path, settings = read_config_file(value if eq else next(it, ''))
+            files.append(str(path)); out += ['--config', json.dumps(settings)]
+        elif flag == '--set':   # --set KEY=VALUE, the older spelling of --KEY VALUE
+            key, _, v = (value if eq else next(it, '')).partition('=')
+            if not key or not _: raise LungsegError(f"--set {key!r}: expected KEY=VALUE")
+            out += [f'--{key}', v]
+        elif flag in _SHORT_FLAGS: out += [_SHORT_FLAGS[flag] + (f'={value}' if eq else '')]
+        else: out.append(word)
+    renamed = {f'--{a}.{b}': f'--{c}.{d}' for (a, b), (c, d) in _RENAMED.items()}
+    return [renamed.get(w, w) for w in out], files
+
+def _loss_words(argv:list) -> tuple:
+    "`--loss.KEY VALUE` words gathered into one loss dictionary (loss options are free-form), and the other words."
+    rest, loss, it = [], {}, iter(argv)
+    for word in it:
+        flag, eq, value = word.partition('=')
+        if flag.startswith('--loss.'): loss[flag[len('--loss.'):]] = yaml.safe_load(value if eq else next(it, ''))
+        else: rest.append(word)
+    return rest, loss
 
 @cli_command
 def train_main(argv:list[str]|None=None,
                then=None) -> int: # a later stage run after training (`lungseg train` passes the second stage's)
-    "Train the 2D U-Net on a preprocessed folder."
-    p = argparse.ArgumentParser(prog='lungseg train', description="Train the 2D U-Net on a preprocessed folder (configurations: lung_tumor_seg/configs/*.yaml, or give a packaged name such as demo).")
-    p.add_argument('--data', required=True, help='preprocessed folder (lungseg preprocess)')
-    p.add_argument('--out', required=True, help='run folder: checkpoints/, logs/, config.yaml')
-    p.add_argument('--config', help='YAML file of settings that differ from the defaults')
-    p.add_argument('--resume', help="checkpoint to continue from, or 'last' (the run folder's last.ckpt)")
-    options = {'--max-epochs': ('trainer.max_epochs', int), '--limit-train-batches': ('trainer.limit_train_batches', float),
-               '--batch-size': ('data.batch_size', int), '--lr': ('optim.lr', float), '--num-workers': ('data.num_workers', int),
-               '--accelerator': ('trainer.accelerator', str), '--devices': ('trainer.devices', _devices),
-               '--strategy': ('trainer.strategy', str), '--num-nodes': ('trainer.num_nodes', int),
-               '--precision': ('trainer.precision', str), '--seed': ('seed', int)}
-    for flag, (key, kind) in options.items(): p.add_argument(flag, type=kind, help=f'sets {key}')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any other setting, e.g. --set loss.name=tversky')
-    args = p.parse_args(argv)
-    overrides = {key: getattr(args, flag[2:].replace('-', '_')) for flag, (key, _) in options.items()}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if 'trainer.limit_train_batches' in overrides and overrides['trainer.limit_train_batches'] >= 1:
-        overrides['trainer.limit_train_batches'] = int(overrides['trainer.limit_train_batches'])
-    for item in args.set:
-        if '=' not in item: raise LungsegError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split('=', 1)
-        overrides[key] = yaml.safe_load(value)
-    best = train(args.data, args.out, load_config(args.config, overrides), resume=args.resume, then=then)
+    "Train the 2D U-Net on a preprocessed folder, with a configuration typed and checked by jsonargparse."
+    from jsonargparse import ActionConfigFile
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    words, files = _train_argv(argv)
+    words, loss = _loss_words(words)
+    p = config_parser()
+    p.add_argument('--config', action=ActionConfigFile, help='YAML file of settings, or a packaged name (demo, lidc_full, task06_full); repeatable')
+    p.add_argument('--out', type=str|None, default=None, help='run folder: checkpoints/, logs/, config.yaml (required to train)')
+    p.add_argument('--resume', type=str|None, default=None, help="checkpoint to continue from, or 'last' (the run folder's last.ckpt)")
+    try: parsed = p.parse_args(words)
+    except Exception as e: raise LungsegError(f"{', '.join(files) + ': ' if files else ''}{_one_line_error(e)}") from None
+    config = _as_config(parsed)
+    out, resume = config.pop('out'), config.pop('resume')
+    if loss: config['loss'] = config['loss'] | loss
+    if not config['data']['prep_dir']: raise LungsegError("no preprocessed folder: give --data PREP_DIR (or data.prep_dir in the configuration)")
+    if not out: raise LungsegError("no run folder: give --out RUN_DIR")
+    best = train(config['data']['prep_dir'], out, config, resume=resume, then=then)
     rank_zero_only(print)(f"best checkpoint: {best}")
     return 0
 

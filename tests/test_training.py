@@ -46,7 +46,7 @@ def test_cli_run_leaves_checkpoints_logs_config_and_panel(prep, run):
         assert (run/name).is_file(), name
     config = yaml.safe_load((run/'config.yaml').read_text())
     assert config['train']['crop_size'] == 48
-    assert config['trainer']['max_epochs'] == 2 and config['data']['context_slices'] == 1 and config['prep_dir'] == str(prep.resolve())
+    assert config['trainer']['max_epochs'] == 2 and config['data']['context_slices'] == 1 and config['data']['prep_dir'] == str(prep.resolve())
     # the run's own config.yaml is a valid --config for another run
     assert load_config(run/'config.yaml')['model']['base_width'] == 4
     metrics = pd.read_csv(run/'logs'/'csv'/'metrics.csv')
@@ -195,3 +195,26 @@ def test_fp_reduction_is_trained_with_the_unet_and_used_by_evaluate_and_predict(
     assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred2', animation=False, fp_reduction=False)['fp_reduction'] is False
     # a classifier trained on other data is refused by name
     with pytest.raises(LungsegError, match='image_size'): FalsePositiveFilter.load(path, dict(image_size=[128, 128], window='lung', pixel_mm=None))
+
+def test_typed_configuration_on_the_command_line(prep, tmp_path, capfd):
+    "`lungseg train --config demo --trainer.max_epochs N` trains with the packaged recipe; --print_config is complete; a misspelt key is one line."
+    run = tmp_path/'demo-run'
+    assert train_main(['--config', 'demo', '--data', str(prep), '--out', str(run), '--trainer.max_epochs', '1',
+                       '--trainer.limit_train_batches', '2', '--trainer.check_val_every_n_epoch', '1', '--train.crop_size', '32',
+                       '--data.context_mm', 'null', '--data.context_slices', '1', '--model.base_width', '4', '--model.depth', '2',
+                       '--trainer.enable_progress_bar', 'false', '--trainer.enable_model_summary', 'false']) == 0
+    saved = yaml.safe_load((run/'config.yaml').read_text())
+    demo = yaml.safe_load((ROOT/'lung_tumor_seg'/'configs'/'demo.yaml').read_text())
+    assert saved['trainer']['max_epochs'] == 1 and saved['optim'] == load_config('demo')['optim'] != load_config()['optim']
+    assert saved['fp_reduction']['enabled'] == demo['fp_reduction']['enabled'] and saved['data']['sampler'] == demo['data']['sampler']
+    assert 'accumulate_grad_batches' in saved['trainer'] and 'max_time' in saved['trainer']   # the full resolved configuration
+    capfd.readouterr()
+    r = subprocess.run([str(LUNGSEG), 'train', '--config', 'demo', '--print_config'], capture_output=True, text=True)
+    printed = yaml.safe_load(r.stdout)
+    assert r.returncode == 0 and set(printed) >= {'model', 'loss', 'optim', 'data', 'train', 'val', 'trainer', 'early_stopping', 'fp_reduction'}
+    assert printed['model']['channels_last'] is True and printed['trainer']['gradient_clip_val'] == 1.0
+    r = subprocess.run([str(LUNGSEG), 'train', '--data', str(prep), '--out', str(tmp_path/'x'), '--trainer.max_epoch', '2'], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'trainer.max_epoch' in r.stderr, r.stderr
+    (tmp_path/'typo.yaml').write_text('optim:\n  lr: fast\n')
+    r = subprocess.run([str(LUNGSEG), 'train', '--data', str(prep), '--out', str(tmp_path/'x'), '--config', str(tmp_path/'typo.yaml')], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'typo.yaml' in r.stderr and "optim.lr" in r.stderr and 'float' in r.stderr, r.stderr
