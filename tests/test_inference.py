@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 import numpy as np, nibabel as nib, pydicom, pytest, torch
 from pydicom.dataset import Dataset, FileMetaDataset
-from conftest import save_checkpoint
+from conftest import tiny_checkpoint, threshold_model
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid, CTImageStorage
 from lung_tumor_seg.core import read_series, load_hu, save_nifti
 from lung_tumor_seg.inference import predict, predict_main, read_volume, load_model
@@ -39,22 +39,11 @@ def synthetic_ct(shape=(10, 48, 48)):
     ct[3:6, 16:22, 12:18] = 40
     return np.maximum(ct + np.random.default_rng(0).normal(0, 8, shape), -1024).astype(np.int16)
 
-class ThresholdModel(torch.nn.Module):
-    "Stand-in model: logit > 0 where the windowed image exceeds 0.5 (HU > -600 in the lung window)."
-    in_channels = 1
-    def __init__(self):
-        super().__init__(); self.conv = torch.nn.Conv2d(1, 1, 1)
-        with torch.no_grad(): self.conv.weight.fill_(40.); self.conv.bias.fill_(-20.)
-        self.hparams = dict(preprocess=dict(window='lung', image_size=[24, 24], slab='all'), context_slices=0)
-    def forward(self, x): return self.conv(x)
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     "A small untrained 2.5D SegModule checkpoint whose head is set to predict tumour everywhere."
-    from lung_tumor_seg.training import SegModule
-    module = SegModule(context_slices=1, model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[32, 32], slab='all'))
-    with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(5.0)
-    return save_checkpoint(module, tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
 
 def test_predict_dicom_cli_grid_and_seg(checkpoint, tmp_path, capsys):
     folder = write_series(tmp_path/'series', synthetic_ct())
@@ -83,7 +72,7 @@ def test_mask_lands_on_the_input_voxels(tmp_path, iop):
     "With a model of known answer (HU > -600), the written mask equals that rule applied to the input's own voxels."
     ct = synthetic_ct()
     folder = write_series(tmp_path/'series', ct, iop=iop)
-    res = predict(ThresholdModel(), folder, tmp_path/'out', seg=True, animation=False)
+    res = predict(threshold_model(), folder, tmp_path/'out', seg=True, animation=False)
     series = read_series(folder)
     written = np.asarray(nib.load(res['files']['mask']).dataobj).transpose(2, 1, 0)
     expected = load_hu(series) > -600
@@ -97,7 +86,7 @@ def test_nifti_in_any_orientation(tmp_path):
     ct = synthetic_ct()
     affine = np.array([[0, 0.8, 0, -20], [-0.8, 0, 0, 30], [0, 0, -2.5, 40], [0, 0, 0, 1.]])   # axes swapped and flipped
     path = tmp_path/'scan.nii.gz'; nib.save(nib.Nifti1Image(ct.transpose(2, 1, 0), affine), path)
-    res = predict(ThresholdModel(), path, tmp_path/'out', prob=True, min_volume_mm3=5, animation=False)
+    res = predict(threshold_model(), path, tmp_path/'out', prob=True, min_volume_mm3=5, animation=False)
     out = nib.load(res['files']['mask'])
     assert out.shape == ct.transpose(2, 1, 0).shape and np.allclose(out.affine, affine)
     written = np.asarray(out.dataobj).transpose(2, 1, 0)
@@ -152,7 +141,7 @@ def test_phantom_dicom_and_nifti_give_the_same_mask(tmp_path):
     folder = next(phantom.glob('LIDC-IDRI/PHANTOM-0001/*/*'))
     entry = next(e for e in json.loads((phantom/'truth.json').read_text())['patients'] if e['patient_id'] == 'PHANTOM-0001')
     image = phantom/'Task06_Lung'/'imagesTr'/f"{entry['task06']}.nii.gz"
-    model = ThresholdModel()
+    model = threshold_model()
     from_dicom = predict(model, folder, tmp_path/'dicom', seg=True, animation=False)
     from_nifti = predict(model, image, tmp_path/'nifti', animation=False)
     series = read_series(folder)
@@ -175,7 +164,7 @@ from lung_tumor_seg.core import sample_dir, SAMPLE_HINT
 def test_predict_on_the_real_sample(tmp_path):
     "Real LIDC-IDRI slices (GE padding, real headers): mask on the series grid, SEG frames referencing real SOP instances."
     folder = next((sample_dir()/'LIDC-IDRI-0001').glob('*/*'))
-    res = predict(ThresholdModel(), folder, tmp_path, seg=True, animation=False)
+    res = predict(threshold_model(), folder, tmp_path, seg=True, animation=False)
     series = read_series(folder)
     mask = nib.load(res['files']['mask'])
     assert mask.shape == (512, 512, 16) and np.allclose(mask.affine, series.geometry.affine, atol=1e-4)

@@ -8,6 +8,7 @@ from lung_tumor_seg.annotations import annotations_main
 from lung_tumor_seg.masks import masks_main
 from lung_tumor_seg.preprocessing import preprocess_main
 from lung_tumor_seg.nbia_testserver import write_tiny_series
+from conftest import tiny_checkpoint
 
 needs_sample = pytest.mark.skipif(sample_dir() is None, reason=SAMPLE_HINT)
 
@@ -133,12 +134,7 @@ def test_a_one_slice_gap_through_annotations_masks_and_preprocess(tmp_path, capf
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     "A small untrained 2.5D SegModule checkpoint (the prediction itself means nothing here, its files and grids do)."
-    import torch
-    from conftest import save_checkpoint
-    from lung_tumor_seg.training import SegModule
-    module = SegModule(context_slices=1, model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[32, 32], slab='all'))
-    with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(5.0)
-    return save_checkpoint(module, tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
 
 @needs_sample
 def test_predict_accepts_the_same_deep_root_and_writes_each_series(tmp_path, checkpoint):

@@ -3,7 +3,7 @@ import json, warnings
 from pathlib import Path
 import numpy as np, nibabel as nib, pydicom, pytest, torch
 import highdicom as hd
-from conftest import save_checkpoint
+from conftest import tiny_checkpoint, threshold_model
 from lung_tumor_seg.core import read_series, sample_dir, SAMPLE_HINT
 from lung_tumor_seg.inference import predict, predict_main
 
@@ -16,10 +16,7 @@ STRIPPED = TYPE2 + ['Manufacturer', 'InstitutionName', 'SeriesDate', 'SeriesTime
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     "A small untrained 2.5D SegModule checkpoint whose head predicts tumour everywhere (every slice gets a SEG frame)."
-    from lung_tumor_seg.training import SegModule
-    module = SegModule(context_slices=1, model=dict(base_width=4, depth=2), preprocess=dict(window='lung', image_size=[32, 32], slab='all'))
-    with torch.no_grad(): module.net.head.weight.zero_(); module.net.head.bias.fill_(5.0)
-    return save_checkpoint(module, tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt')/'tiny.ckpt')
 
 
 def _real_series():
@@ -79,14 +76,6 @@ def test_seg_of_an_anonymized_series(checkpoint, source_series, tmp_path, capsys
     assert summary['name'] == 'anon' and summary['outputs']['seg'] == 'anon_seg.dcm'
 
 
-class ThresholdModel(torch.nn.Module):
-    "Stand-in model: tumour where the lung-windowed image exceeds 0.5 (HU > -600)."
-    in_channels = 1
-    def __init__(self):
-        super().__init__(); self.conv = torch.nn.Conv2d(1, 1, 1)
-        with torch.no_grad(): self.conv.weight.fill_(40.); self.conv.bias.fill_(-20.)
-        self.hparams = dict(preprocess=dict(window='lung', image_size=[24, 24], slab='all'), context_slices=0)
-    def forward(self, x): return self.conv(x)
 
 
 @pytest.mark.parametrize('patient_id, folder, expected', [
@@ -97,7 +86,7 @@ def test_output_names_without_a_usable_patient_id(tmp_path, patient_id, folder, 
     src = anonymize(_phantom_series(), tmp_path/folder, strip=[], n_slices=6, PatientID=patient_id)
     uid = str(pydicom.dcmread(next(src.glob('*.dcm'))).SeriesInstanceUID)
     name = expected or uid
-    res = predict(ThresholdModel(), src, tmp_path/'out', animation=False)
+    res = predict(threshold_model(), src, tmp_path/'out', animation=False)
     assert res['name'] == name
     assert sorted(p.name for p in (tmp_path/'out').iterdir()) == [f'{name}_mask.nii.gz', f'{name}_prediction.json']
 
