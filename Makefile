@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lungseg-installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: venv demo test nbtest sync export clean-nbs docs bench
+.PHONY: venv demo test nbtest sync export clean-nbs docs bench test-min
 
 $(STAMP): settings.ini setup.py scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
@@ -41,3 +41,15 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/lungseg bench --quick --json outputs/bench.json
+
+# The minimum versions: settings.ini's floors installed exactly in their own environment (scripts/min_versions.sh), then the
+# tests that need no development tool (not the notebook runs, the docs build nor the nbdev sync check). A floor too low fails here.
+MIN_VENV ?= .venv-min
+MIN_STAMP := $(MIN_VENV)/.lungseg-min-installed
+MIN_SKIP := --ignore=tests/test_notebooks.py --ignore=tests/test_docs.py --ignore=tests/test_sync.py
+$(MIN_STAMP): settings.ini setup.py scripts/min_versions.sh
+	bash scripts/min_versions.sh $(MIN_VENV)
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	PATH="$(abspath $(MIN_VENV)/bin):$$PATH" bash scripts/run_tests.sh $(MIN_SKIP)

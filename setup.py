@@ -23,8 +23,10 @@ requirements = shlex.split(cfg.get('requirements', ''))
 if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
-dev_requirements = (cfg.get('dev_requirements') or '').split()
-bench_requirements = (cfg.get('bench_requirements') or '').split()
+# Every `NAME_requirements` key of settings.ini but these is the extra `lib_name[NAME]` (dev, test, widgets, bench).
+not_extras = {'requirements', 'pip_requirements', 'conda_requirements'}
+extras_require = {k[:-len('_requirements')]: shlex.split(cfg[k]) for k in cfg
+                  if k.endswith('_requirements') and k not in not_extras and cfg[k].strip()}
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -45,7 +47,7 @@ setuptools.setup(
     packages = setuptools.find_packages(),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements, 'bench': bench_requirements },
+    extras_require = extras_require,
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),
