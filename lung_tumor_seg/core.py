@@ -427,9 +427,9 @@ def _decoder_message(e:Exception) -> str:
     text = '; '.join(lines[1:3]) if len(lines) > 1 and lines[0].endswith(':') else lines[0]
     return text if len(text) <= 300 else text[:297] + '...'
 
-def _decoded_slice(path, header) -> np.ndarray: # header: the file's header when already read (None: read it with the pixels)
+def _decoded_slice(path, header) -> np.ndarray:
     "HU of one slice: the raw bytes when uncompressed, else pydicom's pixel handlers; one line naming file and syntax on failure."
-    raw = _native_pixels(path, header) if header is not None else None
+    raw = _native_pixels(path, header)
     if raw is not None: return _slice_hu(header, raw)
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -441,8 +441,7 @@ def _decoded_slice(path, header) -> np.ndarray: # header: the file's header when
             except Exception: pass                                            # the other plugins, below
         return _slice_hu(ds)
     except Exception as e:
-        syntax = transfer_syntax_name(header if header is not None else pydicom.dcmread(path, stop_before_pixels=True, force=True))
-        raise LungsegError(f"{path}: pixel data in {syntax} could not be decoded ({_decoder_message(e)})") from None
+        raise LungsegError(f"{path}: pixel data in {transfer_syntax_name(header)} could not be decoded ({_decoder_message(e)})") from None
 
 def load_hu(series:DicomSeries, dtype=np.int16) -> np.ndarray:
     "HU volume `(z, y, x)` of a series on its regular z grid (gaps filled along z by position)."
