@@ -104,12 +104,12 @@ def bench_settings(quick:bool=False, # small settings for a run of a few minutes
              train_size=256, train_batch=16, big_unet_batch=8, train_modes=('fp32', 'bf16', 'channels_last', 'compile'),
              big_unet_modes=('fp32', 'bf16', 'channels_last', 'compile'), big_unet_repeats=3, conv_peak=dict(batch=8, channels=64, size=128),
              loader_batches=40, phantom_patients=16, prep_patients=(1, 4, 16), prep_workers=(1, 2),
-             inference_repeats=3, demo=dict(patients=DEMO_PATIENTS, max_epochs=None, limit_train_batches=None))
+             inference_repeats=3, cohort_series=4, cohort_slices=100, demo=dict(patients=DEMO_PATIENTS, max_epochs=None, limit_train_batches=None))
     if quick:
         s.update(repeats=2, series_repeats=5, compressed_slices=50, mask_annotations=200,
                  train_modes=('fp32', 'bf16', 'channels_last'), big_unet_batch=2, big_unet_repeats=1,
                  big_unet_modes=('fp32',), conv_peak=dict(batch=4, channels=64, size=128), loader_batches=12,
-                 phantom_patients=4, prep_patients=(1, 2), inference_repeats=1,
+                 phantom_patients=4, prep_patients=(1, 2), inference_repeats=1, cohort_series=2, cohort_slices=40,
                  demo=dict(patients=4, max_epochs=1, limit_train_batches=4))
     return s
 

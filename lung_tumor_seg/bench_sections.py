@@ -20,8 +20,9 @@ from .bench import (SECTIONS, bench_row, time_call, time_side_by_side, scaling_r
 __all__ = ['TRAIN_MODES', 'DEMO_BUDGET_S', 'annotation_ids', 'bench_masks', 'bench_mask_scaling', 'bench_series',
            'compressed_series', 'pydicom_hu', 'simpleitk_hu', 'our_hu', 'bench_dicom', 'bench_device',
            'conv_peak_gflops', 'demo_model', 'train_step', 'train_gflops_per_image', 'bench_training', 'bench_prep',
-           'loader_images_per_s', 'bench_loader', 'bench_inference', 'demo_rows', 'bench_demo', 'bench_prep_scaling',
-           'ratio_figure', 'run_bench', 'bench_main']
+           'loader_images_per_s', 'bench_loader', 'demo_predictor', 'bench_inference', 'bench_checkpoint',
+           'bench_cohort', 'bench_evaluation', 'demo_rows', 'bench_demo', 'bench_prep_scaling', 'ratio_figure',
+           'run_bench', 'bench_main']
 
 # %% ../nbs/12a_bench_sections.ipynb #00864c1d
 def annotation_ids(n:int|None=None, # None: all
@@ -307,21 +308,88 @@ def bench_loader(prep_dir:Path, model_images_per_s:float|None, batches:int=20, r
                       f"synthetic phantom; peer = demo model training images/s (fp32); bar 5")]
 
 # %% ../nbs/12a_bench_sections.ipynb #5bdcaa78
+def demo_predictor():
+    "The untrained demo model with the demo's inference settings (flip TTA, no component under 10 mm³) and an untrained second stage."
+    from lung_tumor_seg.inference import Predictor
+    from lung_tumor_seg.fp_reduction import CandidateNet, FalsePositiveFilter
+    from lung_tumor_seg.training import config_path, load_config
+    config, model = load_config(config_path('demo')), demo_model().eval()
+    fp = FalsePositiveFilter(CandidateNet(config['fp_reduction']['width']), config['fp_reduction'], model.hparams.preprocess)
+    inf = config['inference']
+    settings = dict(threshold=config['val']['threshold'], tta=inf['tta'], min_volume_mm3=inf['min_volume_mm3'], batch_size=inf['batch_size'],
+                    second_stage=True, source='demo.yaml inference section')
+    return Predictor(model, fp, settings, 'demo model (untrained)')
+
 def bench_inference(series_dir:Path, repeats:int=3, warmup:int=1, peak_gflops:float|None=None) -> list:
-    "Row `inference_s_per_volume`: end-to-end `predict` seconds on one series, against the compute limit."
+    "Rows `inference_s_per_volume` (the U-Net alone) and `inference_s_per_volume_demo_settings` (the path `predict` runs for the demo), side by side."
     from lung_tumor_seg.inference import predict
     from lung_tumor_seg.unet import forward_gflops
-    model = demo_model().eval()
+    model, full = demo_model().eval(), demo_predictor()
     n = len(list(Path(series_dir).glob('*.dcm')))
     with tempfile.TemporaryDirectory() as out:
         t = time_call(lambda: predict(model, series_dir, out, animation=False), repeats, warmup)
+        t_full = time_call(lambda: predict(full, series_dir, out, animation=False), repeats, warmup)
     size = model.hparams.preprocess['image_size'][0]
     limit = n * forward_gflops(model.net, size) / peak_gflops if peak_gflops else None
     return [bench_row('inference_s_per_volume', t.median_s, limit, 's', False,
-                      f"{n}-slice 512x512 synthetic series, end to end (load, preprocess, predict, write NIfTI), {t.spread()}; "
-                      f"untrained demo-sized model passed in memory (weights do not change the time; checkpoint loading not counted); "
+                      f"{n}-slice 512x512 synthetic series, end to end (load, preprocess, predict, findings, preview, write NIfTI), U-Net alone, "
+                      f"no TTA, {t.spread()}; untrained demo-sized model passed in memory (weights do not change the time; checkpoint loading not counted); "
                       + (f"limit = {n} forward passes at the measured conv peak {peak_gflops:.3g} GFLOP/s (counting every "
-                         f"slice; the lung crop may keep fewer)" if peak_gflops else 'no conv peak measured: no limit'))]
+                         f"slice; the lung crop may keep fewer)" if peak_gflops else 'no conv peak measured: no limit')),
+            bench_row('inference_s_per_volume_demo_settings', t_full.median_s, t.median_s, 's', False,
+                      f"the same series with the demo's inference settings, the path `lungseg predict` runs for the demo: flip TTA (3 passes), "
+                      f"no component under 10 mm³, the second stage (candidate classifier and dense-blob search; untrained weights), {t_full.spread()}; "
+                      f"peer = the U-Net alone (the row above), measured in the same run")]
+
+def bench_checkpoint(folder:Path) -> Path:
+    "A run folder with the untrained demo model as checkpoint and the demo's inference settings (for the command-line rows)."
+    import lightning as L
+    from lung_tumor_seg.training import config_path, load_config, write_inference_settings
+    model = demo_model()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator='cpu')
+    trainer.strategy.connect(model)
+    ckpt = Path(folder)/'checkpoints'/'best.ckpt'; ckpt.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(ckpt)
+    write_inference_settings(folder, load_config(config_path('demo')), dict(model.hparams))
+    return ckpt
+
+def bench_cohort(n_series:int=4, n_slices:int=100, processes=(1, 2), seed:int=0) -> list:
+    "Rows `cohort_volumes_per_hour_<p>proc`: `lungseg predict` over a root of synthetic series, one process, then DDP processes sharing them."
+    import subprocess, sys
+    series = [bench_series(n_slices, seed + k) for k in range(n_series)]
+    rows, rates = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)/'root'; root.mkdir()
+        for k, folder in enumerate(series): (root/f'series{k}').symlink_to(folder, target_is_directory=True)
+        ckpt = bench_checkpoint(Path(tmp)/'run')
+        for p in processes:
+            cmd = [sys.executable, '-m', 'lung_tumor_seg.cli', 'predict', '--checkpoint', str(ckpt), '--input', str(root), '--out', str(Path(tmp)/f'out{p}'),
+                   '--accelerator', 'cpu', '--devices', str(p), '--no-animation', '--no-progress'] + (['--strategy', 'ddp'] if p > 1 else [])
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if res.returncode: raise LungsegError(f"lungseg predict with {p} process(es) failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            rates[p] = n_series / wall * 3600
+    for p in processes:
+        rows.append(bench_row(f'cohort_volumes_per_hour_{p}proc', rates[p], rates[processes[0]] if p != processes[0] else None, 'volumes/h', True,
+                              f"`lungseg predict` over a root of {n_series} synthetic {n_slices}-slice 512x512 series with the demo's inference settings "
+                              f"(U-Net, flip TTA; untrained weights), {p} CPU process(es){' (DDP, gloo; the cores shared between them)' if p > 1 else ''}, "
+                              f"wall time of the command (start-up included); peer = one process, measured in the same run"))
+    return rows
+
+def bench_evaluation(prep_dir:Path, repeats:int=1) -> list:
+    "Row `evaluation_s_per_patient`: `lungseg evaluate` of a run on the stored grid of a preprocessed folder, per patient."
+    from lung_tumor_seg.evaluation import evaluate_run
+    from lung_tumor_seg.dataset import read_split
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)/'run'; bench_checkpoint(run)
+        (run/'config.yaml').write_text(f"data:\n  prep_dir: {prep_dir}\n")
+        split = next(k for k in ('test', 'val', 'train') if read_split(prep_dir)[k])
+        n = len(read_split(prep_dir)[split])
+        t = time_call(lambda: evaluate_run(run, split, accelerator='cpu'), repeats, 0)
+    return [bench_row('evaluation_s_per_patient', t.median_s / n, None, 's', False,
+                      f"`lungseg evaluate` of {n} {split} phantom patient(s), stored grid, the demo's inference settings (flip TTA, untrained weights, "
+                      f"no second stage), metrics and figures included, {t.spread()}")]
 
 # %% ../nbs/12a_bench_sections.ipynb #347a7323
 DEMO_BUDGET_S = 15*60
@@ -425,6 +493,8 @@ def run_bench(settings:dict, work_dir:Path, demo_metrics:Path|None=None, log=pri
         return bench_inference(bench_series(s['series_slices'], s['seed']), s['inference_repeats'],
                                1 if s['inference_repeats'] > 1 else 0, state['peak'])
     section('inference', inference)
+    section('inference', lambda: bench_cohort(s['cohort_series'], s['cohort_slices'], (1, 2), s['seed']))
+    section('inference', lambda: bench_evaluation(bench_prep(s['phantom_patients'], s['seed'])))
     section('demo', lambda: bench_demo(s['demo'], Path(work_dir)/'demo', demo_metrics))
     def scaling():
         return (bench_mask_scaling(s['mask_scaling'], s['seed'], s['repeats']) +

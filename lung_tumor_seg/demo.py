@@ -10,8 +10,7 @@ import numpy as np, pandas as pd
 from .core import LungsegError, cli_command, atomic_path, data_dir, project_root
 
 # %% auto #0
-__all__ = ['DEMO_PATIENTS', 'DEMO_PREPROCESS', 'DEMO_POSTPROCESS', 'Stopwatch', 'run_command', 'write_report', 'run_demo',
-           'demo_main']
+__all__ = ['DEMO_PATIENTS', 'DEMO_PREPROCESS', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
 
 # %% ../nbs/11_demo.ipynb #acc23aa5
 class Stopwatch:
@@ -76,7 +75,6 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
 DEMO_PATIENTS = 160                                          # synthetic phantom patients of `make demo`
 DEMO_PREPROCESS = ['--size', 272, 416, '--pixel-mm', 0.8,   # `lungseg preprocess` options of the demo
                    '--split', 0.8, 0.1, 0.1]                 # 160 patients: 128 train, 16 validation, 16 test
-DEMO_POSTPROCESS = ['--tta', '--min-volume-mm3', 10]         # `lungseg evaluate` and `lungseg predict`: flip TTA, no specks under 10 mm³
 
 # %% ../nbs/11_demo.ipynb #d5c4f8ae
 def run_demo(out:str|Path,          # folder for every stage's output and the report
@@ -104,7 +102,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
     if run.exists(): shutil.rmtree(run)
     sw.run('train', run_command, 'train', train_args)
     sw.run('evaluate', run_command, 'evaluate', ['--run', run, '--split', 'test', '--grid', 'original', '--masks', masks,
-                                                  '--readers', raw, *DEMO_POSTPROCESS])
+                                                  '--readers', raw])   # as the run's inference.yaml says
     metrics = json.loads((run/'eval'/'metrics.json').read_text())
     patients = pd.read_csv(run/'eval'/'patients.csv')
     human_csv = run/'eval'/'human_reference.csv'
@@ -115,7 +113,7 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
         series_dir = next((raw/test_patients[0]).glob('*/*'))
         ckpt = next(p for p in (run/'checkpoints'/'best.ckpt', run/'checkpoints'/'last.ckpt') if p.exists())
         sw.run('predict', run_command, 'predict', ['--checkpoint', ckpt, '--input', series_dir,
-                                                    '--out', out/'prediction', '--seg', *DEMO_POSTPROCESS])
+                                                    '--out', out/'prediction', '--seg', '--sr'])   # as the run's inference.yaml says
         figures += sorted((out/'prediction').glob('*.gif'))
     metrics = dict(metrics, data='synthetic LIDC-geometry phantom', phantom_patients=n_patients, seed=seed,
                    stage_seconds=sw.times, demo_wall_s=sw.total, machine=machine_description(),

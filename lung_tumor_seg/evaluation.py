@@ -12,13 +12,15 @@ import torch
 from scipy import ndimage
 from .core import (LungsegError, atomic_path, cli_command, sample_dir, SAMPLE_HINT, CONNECTIVITY_26,
                                  label_components, nonzero_box, remove_small_components)
-from .inference import stored_probabilities
+from lightning.pytorch.callbacks import BasePredictionWriter
+from .inference import Carried, SeriesInputs, SeriesJob, finish_prediction, load_predictor
 
 # %% auto #0
 __all__ = ['SIZE_BINS_MM', 'overlap_metrics', 'hausdorff95_mm', 'equivalent_diameter_mm', 'size_bin', 'match_nodules',
            'detection_summary', 'slice_level_extras', 'evaluate_volume', 'summarize_patients', 'training_curves',
            'plot_curves', 'reader_agreement', 'reader_masks', 'human_reference', 'summarize_readers',
-           'plot_model_vs_readers', 'original_truth', 'evaluate_run', 'evaluate_main']
+           'plot_model_vs_readers', 'original_truth', 'StoredInputs', 'PatientScorer', 'evaluate_run',
+           'choose_threshold', 'evaluate_main']
 
 # %% ../nbs/10_evaluation.ipynb #86e03dae
 def overlap_metrics(pred:np.ndarray,  # predicted binary mask (z, y, x)
@@ -308,25 +310,75 @@ def original_truth(meta:dict,                  # a preprocessed case's meta.json
     return mask
 
 # %% ../nbs/10_evaluation.ipynb #d540e39b
+class StoredInputs(torch.utils.data.Dataset):
+    "The stored (preprocessed) volumes of a split as `Segmenter` items, their ground truth carried beside them."
+    def __init__(self, volumes): self.volumes = volumes
+    def __len__(self): return len(self.volumes)
+    def __getitem__(self, i:int) -> dict:
+        item = self.volumes[i]
+        return dict(index=i, image=item['image'], spacing_mm=tuple(item['spacing_mm']), carried=Carried(dict(truth=item['mask'].numpy())))
+
+class PatientScorer(BasePredictionWriter):
+    "Scores each patient as soon as it is predicted (each process its own patients), keeps the mask it scored, and gathers the rows."
+    def __init__(self, patients:list, predictor, grid:str, metas:list|None=None, masks_dir=None, mask_dir:Path|None=None):
+        super().__init__(write_interval='batch')
+        self.patients, self.predictor, self.grid, self.metas, self.masks_dir, self.mask_dir = patients, predictor, grid, metas, masks_dir, mask_dir
+        self.rows, self.failures = [], []
+
+    def score(self, prediction:dict) -> tuple:
+        "The row and nodules of one prediction: on the stored grid, or restored to the scan's own grid exactly as `predict` writes it."
+        s, i = self.predictor.settings, prediction['index']
+        if 'error' in prediction: raise LungsegError(prediction['error'])
+        if self.grid == 'stored':
+            truth, spacing = prediction['carried'].value['truth'], tuple(prediction['spacing_mm'])
+            mask = remove_small_components(prediction['prob'] >= s['threshold'], spacing, s['min_volume_mm3']).astype(bool)
+        else:
+            meta = self.metas[i]
+            truth = original_truth(meta, self.masks_dir)
+            if truth is None: raise LungsegError(f"original mask not found (source {meta.get('source') or 'unknown'}): use the stored grid, or pass the masks folder")
+            mask, _, _ = finish_prediction(prediction, s)
+            spacing = tuple(prediction['carried'].value['volume'].spacing_mm)
+            if mask.shape != truth.shape: raise LungsegError(f"prediction {mask.shape} and ground truth {truth.shape} differ in shape")
+        if self.mask_dir is not None:
+            with atomic_path(self.mask_dir/f'{self.patients[i]}.npz', '.npz') as tmp:
+                with open(tmp, 'wb') as f: np.savez_compressed(f, mask=mask, spacing_mm=np.asarray(spacing))
+        row, nodules = evaluate_volume(mask, truth, spacing)
+        return dict(patient=self.patients[i], **row, spacing_mm=' '.join(f'{v:.3f}' for v in spacing)), nodules
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        i = prediction['index']
+        try: row, nodules = self.score(prediction)
+        except (LungsegError, OSError, ValueError) as e: self.failures.append((i, str(e))); return
+        self.rows.append((i, row, nodules, prediction.get('counts')))
+
+    def on_predict_end(self, trainer, pl_module):
+        "Every process's rows, in the split's order (gathered while the processes are still connected)."
+        import torch.distributed as dist
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None]*trainer.world_size
+            dist.all_gather_object(gathered, (self.rows, self.failures))
+            self.rows, self.failures = [r for rows, _ in gathered for r in rows], [f for _, fails in gathered for f in fails]
+        self.rows.sort(key=lambda r: r[0]); self.failures.sort()
+
 def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                  split:str='test',               # split of the preprocessed data to score
                  prep_dir:str|Path|None=None,    # preprocessed folder (default: the one in the run's config.yaml)
                  checkpoint:str|Path|None=None,  # default RUN_DIR/checkpoints/best.ckpt (else last.ckpt)
-                 batch_size:int=16,              # slices per forward pass
-                 tta:bool=False,                 # flip test-time augmentation
-                 threshold:float|None=None,      # default: the model's validation threshold
+                 batch_size:int|None=None,       # slices per forward pass (None: the run's inference.yaml)
+                 tta:bool|None=None,             # flip test-time augmentation (None: the run's)
+                 threshold:float|None=None,      # probability threshold (None: the run's)
                  out_dir:str|Path|None=None,     # default RUN_DIR/eval
-                 progress:str|None=None,         # tqdm label (None: silent)
-                 grid:str='stored',              # 'stored': preprocessed grid; 'original': restored to each scan's own grid
+                 progress:str|None=None,         # progress bar (None: silent)
+                 grid:str='stored',              # 'stored': preprocessed grid; 'original': each scan read and segmented as `predict` does, on its own grid
                  masks_dir:str|Path|None=None,   # `lungseg masks` output, for grid='original' on DICOM cases
                  readers_root:str|Path|None=None, # LIDC-style DICOM root with XML reads: adds the human reference
-                 min_volume_mm3:float=0,         # drop predicted components smaller than this, as `lungseg predict --min-volume-mm3`
-                 fp_reduction:bool=True          # apply the false-positive classifier trained with the checkpoint, when there is one
+                 min_volume_mm3:float|None=None, # drop predicted components smaller than this (None: the run's)
+                 fp_reduction:bool|None=None,    # the second stage (None: the run's; False: the U-Net alone)
+                 accelerator:str='auto', devices:int|str=1, num_nodes:int=1, strategy:str='auto', precision:str='auto'
                 ) -> dict:
-    "Score a trained run on one split; writes metrics.json, patients.csv, nodules.csv and figures; returns the summary."
+    "Score a trained run on one split through `Trainer.predict`; writes metrics.json, patients.csv, nodules.csv, the masks scored and figures."
     import yaml
-    from lung_tumor_seg.core import run_each
-    from lung_tumor_seg.training import load_checkpoint, read_preprocess_settings
+    from lung_tumor_seg.training import read_preprocess_settings, predict_trainer, run_predict, volume_loader
     from lung_tumor_seg.dataset import PatientVolumes
     run_dir = Path(run_dir)
     if not run_dir.is_dir(): raise LungsegError(f"{run_dir}: run folder not found")
@@ -340,37 +392,37 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
         prep_dir = (saved.get('data') or {}).get('prep_dir') or saved.get('prep_dir')   # older runs kept it at the top
         if not prep_dir: raise LungsegError(f"{config}: names no prep_dir; pass the preprocessed folder (--data)")
     settings = read_preprocess_settings(prep_dir)
-    model = load_checkpoint(checkpoint, expect=dict(image_size=settings.get('image_size'), window=settings.get('window')))
-    threshold = float(threshold if threshold is not None else model.val_cfg['threshold'])
-    from lung_tumor_seg.fp_reduction import fp_filter_for
-    fp = fp_filter_for(checkpoint, model.hparams.get('preprocess')) if fp_reduction else None
-    fp_counts = []
+    overrides = dict(threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, batch_size=batch_size, second_stage=fp_reduction)
+    predictor = load_predictor(checkpoint, overrides, expect=dict(image_size=settings.get('image_size'), window=settings.get('window')))
+    model = predictor.model
     volumes = PatientVolumes(prep_dir, split, int(model.hparams.get('context_slices', 0)), model.hparams.get('context_mm'))
     if len(volumes) == 0: raise LungsegError(f"{Path(prep_dir)/'split.json'}: split {split!r} has no patients")
     if grid not in ('stored', 'original'): raise LungsegError(f"unknown grid {grid!r}: choose stored or original")
-    def _one(i):
-        item = volumes[i]
-        truth, spacing = item['mask'].numpy(), item['spacing_mm']
-        prob, counts = stored_probabilities(model, item['image'], spacing, batch_size, tta, threshold, fp)   # as `lungseg predict` does
-        if counts is not None: fp_counts.append(counts)
-        if grid == 'original':
-            from lung_tumor_seg.preprocessing import restore_mask
-            meta = volumes.meta(i)
-            truth = original_truth(meta, masks_dir)
-            if truth is None: raise LungsegError(f"original mask not found (source {meta.get('source') or 'unknown'}): use the stored grid, or pass the masks folder")
-            prob, spacing = restore_mask(prob, meta), tuple(meta['spacing_mm'])
-        row, nodules = evaluate_volume(remove_small_components(prob >= threshold, spacing, min_volume_mm3).astype(bool), truth, spacing)
-        return dict(patient=item['patient'], **row, spacing_mm=' '.join(f'{v:.3f}' for v in spacing)), nodules
-    result = run_each(range(len(volumes)), _one, progress=progress)
-    if not result.results: raise LungsegError(f"{run_dir}: every patient of split {split!r} failed ({result.failures[0][1]})")
-    patients = pd.DataFrame([r for _, (r, _) in result.results])
-    nodules = pd.DataFrame([dict(patient=r['patient'], **n) for _, (r, ns) in result.results for n in ns],
+    out_dir = Path(out_dir or run_dir/'eval')
+    metas = [volumes.meta(i) for i in range(len(volumes))]
+    if grid == 'stored': dataset = StoredInputs(volumes)
+    else: dataset = SeriesInputs([SeriesJob(Path(m.get('source') or ''), m.get('series_uid'), p) for m, p in zip(metas, volumes.patients)], model)
+    scorer = PatientScorer(volumes.patients, predictor, grid, metas, masks_dir, out_dir/'masks')
+    try: trainer = predict_trainer(accelerator, devices, num_nodes, strategy, precision, progress=progress is not None, callbacks=[scorer])
+    except Exception as e: raise LungsegError(f"--accelerator {accelerator} --devices {devices}: {' '.join(str(e).split())}") from None
+    if trainer.is_global_zero:
+        for note in predictor.notes: print(f"lungseg evaluate: note: {note}")
+    run_predict(trainer, predictor.segmenter(), volume_loader(dataset), return_predictions=False)
+    if not trainer.is_global_zero: return {}
+    if not scorer.rows: raise LungsegError(f"{run_dir}: every patient of split {split!r} failed ({scorer.failures[0][1]})")
+    patients = pd.DataFrame([r for _, r, _, _ in scorer.rows])
+    nodules = pd.DataFrame([dict(patient=r['patient'], **n) for _, r, ns, _ in scorer.rows for n in ns],
                            columns=['patient', 'nodule', 'voxels', 'diameter_mm', 'size_bin', 'hit'])
-    summary = dict(split=split, checkpoint=str(checkpoint), prep_dir=str(prep_dir), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3,
+    fp_counts = [c for *_, c in scorer.rows if c is not None]
+    fp = predictor.fp_filter if predictor.settings['second_stage'] else None
+    summary = dict(split=split, checkpoint=str(checkpoint), prep_dir=str(prep_dir), inference=predictor.record(),
+                   threshold=predictor.settings['threshold'], tta=predictor.settings['tta'], min_volume_mm3=predictor.settings['min_volume_mm3'],
+                   device=str(trainer.strategy.root_device), devices=trainer.world_size, precision=str(trainer.precision),
                    grid=('stored (preprocessed) grid with stored_spacing_mm: slab-cropped, resized in-plane to '
                          f"{settings.get('image_size')}; ground truth = stored masks") if grid == 'stored' else
-                        ('original grid of each scan with its own spacing: predictions restored (restore_mask), ground truth = '
-                         'original masks; slices outside the preprocessing slab are predicted empty'),
+                        ('original grid of each scan with its own spacing: each scan read from its source and segmented exactly as '
+                         '`lungseg predict` segments it (eval/masks/ holds the masks scored); ground truth = original masks; slices outside '
+                         'the preprocessing slab are predicted empty'),
                    detection_rule='26-connected components; a ground-truth nodule is hit when the predicted components touching it overlap it with IoU >= 0.1; '
                                   'a predicted component touching no ground-truth nodule is a false positive; size = equivalent diameter',
                    fp_reduction=(f"{Path(checkpoint).parent.name}/fp_reduction.pt: a 3D classifier of the predicted components on the stored grid "
@@ -378,9 +430,9 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
                                  f"{sum(c['rejected'] for c in fp_counts)} of {sum(c['candidates'] for c in fp_counts)} candidates "
                                  f"scored under {fp.settings['keep_score']}; added {sum(c['recovered'] for c in fp_counts)} of "
                                  f"{sum(c['blobs'] for c in fp_counts)} dense blobs the U-Net missed, scored at least {fp.settings['recall_score']}") if fp is not None else 'off',
-                   patients=list(patients.patient), failed=[f"{volumes.patients[i]}: {m}" for i, m in result.failures],
+                   patients=list(patients.patient), failed=[f"{volumes.patients[i]}: {m}" for i, m in scorer.failures],
                    **summarize_patients(patients, nodules))
-    out_dir = Path(out_dir or run_dir/'eval'); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir/'patients.csv', '.csv') as tmp: patients.to_csv(tmp, index=False)
     with atomic_path(out_dir/'nodules.csv', '.csv') as tmp: nodules.to_csv(tmp, index=False)
     try: plot_curves(training_curves(run_dir), out_dir/'curves.png'); summary['curves'] = 'curves.png'
@@ -396,6 +448,28 @@ def evaluate_run(run_dir:str|Path,              # run folder of `lungseg train`
     with atomic_path(out_dir/'metrics.json', '.json') as tmp: tmp.write_text(json.dumps(_json_ready(summary), indent=1))
     return summary
 
+# %% ../nbs/10_evaluation.ipynb #e3a9c1f4
+def choose_threshold(run_dir:str|Path,   # run folder of `lungseg train` (with its inference.yaml)
+                     candidates:list,    # thresholds to try, each a whole evaluation (second stage included)
+                     split:str='val',    # only validation patients may choose a setting: test patients are for the final score
+                     **options) -> tuple:  # more `evaluate_run` options (grid, masks_dir, accelerator, ...)
+    "Score each candidate threshold on the validation patients, write the best (mean per-patient 3D Dice) to inference.yaml; (best, table)."
+    from lung_tumor_seg.training import update_inference_settings
+    if split != 'val': raise LungsegError(f"a setting is chosen on validation patients only (got split {split!r}): the test split is for the final score")
+    if not candidates: raise LungsegError("no candidate thresholds given")
+    run_dir, rows = Path(run_dir), []
+    for t in candidates:
+        m = evaluate_run(run_dir, split, threshold=float(t), out_dir=run_dir/'eval_val'/f'threshold_{float(t):g}', **options)
+        rows.append(dict(threshold=float(t), mean_patient_dice=m['mean_patient_dice'], sensitivity_6mm_plus=m.get('sensitivity_6mm_plus'),
+                         fp_per_scan=m.get('fp_per_scan'), patients=m['n_patients_dice']))
+    table = pd.DataFrame(rows)
+    best = table.loc[table.mean_patient_dice.fillna(-1).idxmax()]
+    why = (f"chosen by lungseg evaluate on {int(best.patients)} validation patients: mean per-patient 3D Dice {best.mean_patient_dice:.3f} "
+           f"(candidates {', '.join(f'{r.threshold:g}: {r.mean_patient_dice:.3f}' for r in table.itertuples())})")
+    checkpoint = options.get('checkpoint') or next(p for p in (run_dir/'checkpoints'/'best.ckpt', run_dir/'checkpoints'/'last.ckpt') if p.is_file())
+    update_inference_settings(checkpoint, threshold=(float(best.threshold), why))
+    return float(best.threshold), table
+
 # %% ../nbs/10_evaluation.ipynb #c98c59d6
 @cli_command
 def evaluate_main(argv:list[str]|None=None) -> int:
@@ -405,10 +479,18 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--split', default='test', choices=['train', 'val', 'test'], help='split to score (default test)')
     p.add_argument('--data', type=Path, default=None, help="preprocessed folder (default: the run's config.yaml prep_dir)")
     p.add_argument('--checkpoint', type=Path, default=None, help='checkpoint to score (default checkpoints/best.ckpt)')
-    p.add_argument('--tta', action='store_true', help='flip test-time augmentation')
-    p.add_argument('--threshold', type=float, default=None, help="probability threshold (default: the model's)")
-    p.add_argument('--min-volume-mm3', type=float, default=0, help='drop predicted components smaller than this volume before scoring, as `lungseg predict` does (default 0: keep all)')
-    p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass (default 16)')
+    g = p.add_argument_group("settings (default: the run's inference.yaml, as `lungseg predict` uses it; a flag given overrides it and says so)")
+    g.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='flip test-time augmentation')
+    g.add_argument('--threshold', type=float, default=None, help='probability threshold')
+    g.add_argument('--min-volume-mm3', type=float, default=None, help='drop predicted components smaller than this volume before scoring')
+    g.add_argument('--batch-size', type=int, default=None, help='slices per forward pass')
+    g.add_argument('--second-stage', action=argparse.BooleanOptionalAction, default=None, help='the second-stage classifier beside the checkpoint (fp_reduction.pt)')
+    d = p.add_argument_group('devices (as in lungseg train)')
+    d.add_argument('--accelerator', default='auto', help='cpu, gpu, cuda, mps or auto (a GPU when there is one)')
+    d.add_argument('--devices', default='1', help='devices (or auto); several share the patients among processes')
+    d.add_argument('--num-nodes', type=int, default=1)
+    d.add_argument('--strategy', default='auto', help='auto: ddp when several devices')
+    d.add_argument('--precision', default='auto', help='auto: bf16-mixed where the device computes bf16 natively, else 32-true')
     p.add_argument('--grid', default='stored', choices=['stored', 'original'],
                    help="stored: the preprocessed grid (default); original: predictions restored to each scan's own grid, "
                         "scored against the original masks (Task06 labels, or --masks for DICOM)")
@@ -416,12 +498,23 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--readers', type=Path, default=None,
                    help='LIDC-style DICOM root with the XML reads of the evaluated patients: adds the human reference '
                         '(each reader against the consensus of the others) beside the model')
-    p.add_argument('--no-fp-reduction', action='store_true',
-                   help="score the U-Net alone, without the false-positive classifier trained with it (checkpoints/fp_reduction.pt)")
+    p.add_argument('--no-fp-reduction', dest='second_stage', action='store_false',
+                   help="score the U-Net alone, without the second-stage classifier trained with it (same as --no-second-stage)")
+    p.add_argument('--choose-threshold', type=float, nargs='+', default=None, metavar='T',
+                   help="with --split val: score each threshold, write the best to the run's inference.yaml (what predict and evaluate then use)")
     args = p.parse_args(argv)
+    if args.choose_threshold:
+        best, table = choose_threshold(args.run, args.choose_threshold, args.split, prep_dir=args.data, checkpoint=args.checkpoint, grid=args.grid,
+                                       masks_dir=args.masks, accelerator=args.accelerator, precision=args.precision, fp_reduction=args.second_stage)
+        print(table.to_string(index=False))
+        print(f"threshold {best:g} written to {Path(args.run)/'inference.yaml'}")
+        return 0
     s = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.batch_size, args.tta, args.threshold,
                      progress=f'evaluate {args.split}', grid=args.grid, masks_dir=args.masks, readers_root=args.readers,
-                     min_volume_mm3=args.min_volume_mm3, fp_reduction=not args.no_fp_reduction)
+                     min_volume_mm3=args.min_volume_mm3, fp_reduction=args.second_stage, accelerator=args.accelerator,
+                     devices=int(args.devices) if str(args.devices).isdigit() else args.devices, num_nodes=args.num_nodes,
+                     strategy=args.strategy, precision=args.precision)
+    if not s: return 0   # a process other than rank 0: rank 0 reports
     f = lambda v: 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}'
     shown = ', '.join(s['patients'][:10]) + (f", ... ({len(s['patients'])} in all)" if len(s['patients']) > 10 else '')
     print(f"{args.split}: {s['n_patients']} patient(s) ({shown}); per-patient 3D Dice over {s['n_patients_dice']} with tumour: "
@@ -433,6 +526,10 @@ def evaluate_main(argv:list[str]|None=None) -> int:
         print(f"human reference: {s['human_reader_rows']} reader reads of {len(s['human_patients'])} patient(s); per-reader 3D Dice "
               f"vs the others: mean {f(s['human_mean_reader_dice'])}, median {f(s['human_median_reader_dice'])}")
     print(f"false-positive reduction: {s['fp_reduction']}")
+    i = s['inference']
+    print(f"segmented as `lungseg predict` does with these settings ({i['source']}): threshold {i['threshold']:g}, "
+          f"TTA {'on' if i['tta'] else 'off'}, minimum component {i['min_volume_mm3']:g} mm³, second stage {'on' if i['second_stage'] else 'off'}; "
+          f"device {s['device']} x{s['devices']}, precision {s['precision']}")
     print(f"grid: {s['grid']}\nwritten: {Path(args.run)/'eval'/'metrics.json'}")
     if s['failed']:
         print(f"{len(s['failed'])} patient(s) failed:", file=sys.stderr)

@@ -4,18 +4,21 @@
 
 # %% ../nbs/08a_fp_reduction.ipynb #8eea3cfd
 from __future__ import annotations
-import json, time
+import json, time, warnings, logging, contextlib
 from pathlib import Path
 import numpy as np, torch, cv2
+import lightning as L
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from .core import LungsegError, atomic_path, cli_command
 from .training import FP_DEFAULTS
 
 # %% auto #0
 __all__ = ['FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives', 'dense_lung_points',
-           'dense_blobs', 'blob_segment', 'nodule_peak', 'dense_value', 'candidate_set', 'train_candidate_net',
-           'FalsePositiveFilter', 'mine_blobs', 'train_fp_reduction', 'fp_filter_for', 'second_stage', 'train_main']
+           'dense_blobs', 'blob_segment', 'nodule_peak', 'dense_value', 'candidate_set', 'RandomBatches',
+           'patch_loader', 'CandidateModule', 'candidate_trainer', 'train_candidate_net', 'FalsePositiveFilter',
+           'mine_blobs', 'train_fp_reduction', 'fp_filter_for', 'second_stage', 'train_main']
 
 # %% ../nbs/08a_fp_reduction.ipynb #9dd23c97
 def candidate_patch(image:np.ndarray,     # stored volume (z, H, W), values in [0, 1]
@@ -203,46 +206,146 @@ def candidate_set(prep_dir:str|Path, patients:list,
     if not labels: raise LungsegError(f"{prep_dir}: no training patches from {len(patients)} patient(s)")
     return torch.from_numpy(np.stack(patches)[:, None]), torch.tensor(labels, dtype=torch.float32)
 
+# %% ../nbs/08a_fp_reduction.ipynb #d75c3efb
+def _rank() -> int: return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+class RandomBatches(Sampler):
+    "`steps` batches of `batch_size` indices into `n` patches, drawn with replacement by a generator seeded with `seed` (plus the process's rank under DDP)."
+    def __init__(self, n:int, batch_size:int, steps:int, seed:int=0):
+        self.n, self.batch_size, self.steps, self.seed = n, batch_size, steps, seed
+    def __len__(self) -> int: return self.steps
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + _rank())
+        for _ in range(self.steps): yield torch.randint(self.n, (self.batch_size,), generator=g).tolist()
+
 # %% ../nbs/08a_fp_reduction.ipynb #aa4fd913
-def _augment(x:torch.Tensor) -> torch.Tensor:
+def _augment(x:torch.Tensor, generator:torch.Generator|None=None) -> torch.Tensor:
     "Random flips along each axis and a random quarter turn in-plane, the same for the whole batch."
     for axis in (-1, -2, -3):
-        if torch.rand(()) < 0.5: x = x.flip(axis)
-    return torch.rot90(x, int(torch.randint(4, ())), (-2, -1))
+        if torch.rand((), generator=generator) < 0.5: x = x.flip(axis)
+    return torch.rot90(x, int(torch.randint(4, (), generator=generator)), (-2, -1))
 
-def train_candidate_net(patches:torch.Tensor, labels:torch.Tensor, settings:dict|None=None, verbose:bool=True) -> CandidateNet:
-    "A `CandidateNet` trained on patches and labels (BCE, AdamW, one-cycle schedule; bf16 where the device computes it natively)."
+class _AugmentedBatch:
+    "Collate `(patch, label)` pairs into a float32 batch and `_augment` it with its own generator."
+    def __init__(self, generator:torch.Generator): self.generator = generator
+    def __call__(self, items:list) -> tuple:
+        x, y = torch.utils.data.default_collate(items)
+        return _augment(x.float(), self.generator), y
+
+def patch_loader(patches:torch.Tensor,          # (N, 1, z, y, x), any float type
+                 labels:torch.Tensor,           # (N,) 1 nodule, 0 not
+                 batch_size:int, steps:int, seed:int=0,
+                 generator:torch.Generator|None=None # of the flips and turns (None: seeded with `seed`)
+                ) -> DataLoader:
+    "A loader of `steps` training batches of candidate patches (`RandomBatches`), each flipped and turned at random (float32)."
+    return DataLoader(TensorDataset(patches, labels), batch_sampler=RandomBatches(len(labels), batch_size, steps, seed),
+                      collate_fn=_AugmentedBatch(generator or torch.Generator().manual_seed(seed)))
+
+# %% ../nbs/08a_fp_reduction.ipynb #2f09152c
+class CandidateModule(L.LightningModule):
+    "`CandidateNet` as a Lightning module: BCE on its logits, AdamW with a one-cycle schedule stepped per step."
+    def __init__(self, width:int=8, lr:float=2e-3, weight_decay:float=1e-4,
+                 steps:int=200):                  # optimizer steps: the length of the one-cycle schedule
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = CandidateNet(width)
+        self.nonfinite_step, self.losses = None, []   # the step of non-finite bf16 gradients, when one was; each step's loss
+    def forward(self, x:torch.Tensor) -> torch.Tensor: return self.net(x)
+    def training_step(self, batch:tuple, batch_idx:int) -> torch.Tensor:
+        x, y = batch
+        loss = F.binary_cross_entropy_with_logits(self(x).float(), y)
+        self.log('train/loss', loss, prog_bar=True, batch_size=len(y))
+        self.losses.append(loss.detach())
+        return loss
+    def on_before_optimizer_step(self, optimizer):
+        "Skip the step and stop training when bf16 gradients are not finite (`train_candidate_net` then trains again in fp32)."
+        if 'bf16' not in str(self.trainer.precision): return
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(self.parameters(), float('inf'))): return   # inf: the largest |gradient|, unchanged
+        # bf16 kernels of some CPUs return NaN gradients for tiny feature maps (2x2x2). Under DDP the gradients are already
+        # averaged, so every process sees the NaN and stops at the same step.
+        for p in self.parameters(): p.grad = None   # AdamW leaves parameters without gradients alone
+        self.nonfinite_step, self.trainer.should_stop = self.global_step, True
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.hparams.lr, total_steps=self.hparams.steps, pct_start=0.1)
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval='step'))
+
+# %% ../nbs/08a_fp_reduction.ipynb #b18b5165
+_TRAINER_DEFAULTS = dict(accelerator='auto', devices=1, num_nodes=1, strategy='auto', precision='auto')
+
+@contextlib.contextmanager
+def _quiet(quiet:bool=True):
+    "Lightning's start-up lines (when `quiet`) and its warnings about a loader without workers (the patches are in memory) silenced."
+    loggers = [logging.getLogger(n) for n in ('lightning.pytorch', 'lightning.fabric')]
+    levels = [l.level for l in loggers]
+    if quiet:
+        for l in loggers: l.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*does not have many workers.*')
+            warnings.filterwarnings('ignore', message='.*LeafSpec.*')   # said by Lightning itself under newer torch
+            yield
+    finally:
+        for l, level in zip(loggers, levels): l.setLevel(level)
+
+def candidate_trainer(steps:int,                  # optimizer steps (`max_steps`)
+                      run_dir:str|Path|None=None, # run folder: checkpoint in second_stage/, logs in logs/second_stage/ (None: nothing written)
+                      trainer:dict|None=None,     # Trainer options: accelerator, devices, num_nodes, strategy, precision ('auto' as in `lungseg train`)
+                      verbose:bool=True           # progress bar
+                     ) -> L.Trainer:
+    "The Lightning `Trainer` of the candidate classifier, on the run's devices and precision, with the U-Net's checkpoint and loggers."
+    from lightning.pytorch.callbacks import ModelCheckpoint, LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lung_tumor_seg.training import resolve_precision
+    unknown = set(trainer or {}) - set(_TRAINER_DEFAULTS)
+    if unknown: raise LungsegError(f"unknown Trainer option(s) of the candidate classifier: {', '.join(sorted(unknown))} (known: {', '.join(_TRAINER_DEFAULTS)})")
+    t = _TRAINER_DEFAULTS | (trainer or {})
+    callbacks, loggers = [], False
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        callbacks = [ModelCheckpoint(dirpath=run_dir/'second_stage', filename='candidate_net', enable_version_counter=False),
+                     LearningRateMonitor(logging_interval='step')]
+        loggers = [TensorBoardLogger(run_dir/'logs', name='second_stage', version='tensorboard'),
+                   CSVLogger(run_dir/'logs', name='second_stage', version='csv')]
+    with _quiet(not verbose):
+        return L.Trainer(accelerator=t['accelerator'], devices=t['devices'], num_nodes=t['num_nodes'], strategy=t['strategy'],
+                         precision=resolve_precision(t['precision'], t['accelerator']), max_steps=steps,
+                         callbacks=callbacks, logger=loggers, enable_checkpointing=run_dir is not None, default_root_dir=run_dir,
+                         enable_progress_bar=verbose, enable_model_summary=False, log_every_n_steps=min(10, steps),
+                         use_distributed_sampler=False)   # `RandomBatches` draws for each process itself
+
+# %% ../nbs/08a_fp_reduction.ipynb #920bcfc6
+def _fit(patches, labels, s:dict, trainer:dict|None, run_dir, verbose:bool) -> tuple:
+    "The `CandidateModule` fitted with the settings `s`, and its Trainer: the same seed gives the same weights, batches and flips."
+    torch.manual_seed(s['seed'])
+    module = CandidateModule(s['width'], s['lr'], s['weight_decay'], s['steps'])
+    flips = torch.Generator(); flips.set_state(torch.get_rng_state())   # go on from the stream that drew the weights, as the hand-written loop did
+    fit = candidate_trainer(s['steps'], run_dir, trainer, verbose)
+    with _quiet(not verbose): fit.fit(module, patch_loader(patches, labels, s['batch_size'], s['steps'], s['seed'], flips))
+    return module, fit
+
+def train_candidate_net(patches:torch.Tensor, labels:torch.Tensor, settings:dict|None=None, verbose:bool=True,
+                        trainer:dict|None=None,     # Trainer options: accelerator, devices, num_nodes, strategy, precision (`candidate_trainer`)
+                        run_dir:str|Path|None=None  # run folder for the checkpoint and logs (None: nothing written)
+                       ) -> CandidateNet:
+    "A `CandidateNet` trained through Lightning (BCE, AdamW, one-cycle schedule; bf16 where the device computes it natively), on the CPU in eval mode."
     s = FP_DEFAULTS | (settings or {})
     if labels.min() == labels.max(): raise LungsegError("the candidate classifier needs both nodules and non-nodules to learn from")
-    torch.manual_seed(s['seed'])
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    bf16 = resolve_precision('auto', device.type) == 'bf16-mixed'
-    net = CandidateNet(s['width']).to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=s['lr'], weight_decay=s['weight_decay'])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, s['lr'], total_steps=s['steps'], pct_start=0.1)
-    g = torch.Generator().manual_seed(s['seed'])
-    t0, losses = time.perf_counter(), []
-    for step in range(s['steps']):
-        idx = torch.randint(len(labels), (s['batch_size'],), generator=g)
-        x, y = _augment(patches[idx].float()).to(device), labels[idx].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        if bf16 and not torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), float('inf'))):
-            bf16 = False   # bf16 kernels of some CPUs return NaN gradients for tiny feature maps: go on in fp32, skip this step
-            if verbose: print(f"candidate classifier: non-finite bf16 gradients at step {step}, continuing in fp32")
-            continue
-        opt.step(); sched.step()
-        losses.append(float(loss.detach()))
-    if verbose: print(f"candidate classifier: {s['steps']} steps of {s['batch_size']} patches in {time.perf_counter() - t0:.0f} s, "
-                      f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
-    return net.cpu().eval()
+    t0 = time.perf_counter()
+    module, fit = _fit(patches, labels, s, trainer, run_dir, verbose)
+    if module.nonfinite_step is not None:
+        if verbose and fit.is_global_zero: print(f"candidate classifier: non-finite bf16 gradients at step {module.nonfinite_step}, training again in fp32")
+        module, fit = _fit(patches, labels, s, (trainer or {}) | dict(precision='32-true'), run_dir, verbose)
+    losses = torch.stack(module.losses).float().cpu().numpy()
+    if verbose and fit.is_global_zero: print(f"candidate classifier: {s['steps']} steps of {s['batch_size']} patches in {time.perf_counter() - t0:.0f} s "
+                                             f"({fit.precision}), loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f}")
+    return module.net.cpu().eval()
 
 # %% ../nbs/08a_fp_reduction.ipynb #cc02f14c
 class FalsePositiveFilter:
     "The trained candidate classifier with its settings: scores the components of a prediction and removes the rejected ones."
-    def __init__(self, net:CandidateNet, settings:dict, preprocess:dict|None=None):
+    def __init__(self, net:CandidateNet, # the classifier, an `nn.Module` a LightningModule can hold (and move to its device)
+                 settings:dict, preprocess:dict|None=None):
         self.net, self.settings, self.preprocess = net.eval(), FP_DEFAULTS | settings | dict(width=net.width), dict(preprocess or {})
     @property
     def dense(self) -> float: return dense_value(self.settings['dense_hu'], self.preprocess.get('window', 'lung'))
@@ -258,11 +361,13 @@ class FalsePositiveFilter:
 
     @torch.no_grad()
     def score_points(self, image:np.ndarray, centres:np.ndarray, slice_mm:float, batch:int=128) -> np.ndarray:
-        "The classifier's probability of a nodule at each `(slice, row, column)` of `centres`."
+        "The classifier's probability of a nodule at each `(slice, row, column)` of `centres`, computed where the net's weights lie."
+        weight = next(self.net.parameters(), None)   # on the GPU when a LightningModule holding the net was moved there
+        device, dtype = (weight.device, weight.dtype) if weight is not None else (torch.device('cpu'), torch.float32)
         out = []
         for k in range(0, len(centres), batch):
             patches = np.stack([candidate_patch(image, c, slice_mm, **self.shape) for c in centres[k:k + batch]])
-            out.append(torch.sigmoid(self.net(torch.from_numpy(patches[:, None])).float()).numpy())
+            out.append(torch.sigmoid(self.net(torch.from_numpy(patches[:, None]).to(device, dtype)).float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def suppress(self, prob:np.ndarray,      # tumour probability on the stored grid (z, H, W)
@@ -348,10 +453,13 @@ def mine_blobs(prep_dir:str|Path, patients:list, settings:dict|None=None, dense:
 FP_FILE = 'fp_reduction.pt'   # beside the U-Net checkpoints: RUN_DIR/checkpoints/fp_reduction.pt
 
 # %% ../nbs/08a_fp_reduction.ipynb #88cb21b1
-def train_fp_reduction(checkpoint:str|Path,   # the trained U-Net
+def train_fp_reduction(checkpoint:str|Path,   # the trained U-Net, in RUN_DIR/checkpoints/
                        prep_dir:str|Path,     # its preprocessed folder; the training split is used
-                       settings:dict|None=None, verbose:bool=True) -> Path:
+                       settings:dict|None=None, verbose:bool=True,
+                       trainer:dict|None=None # Trainer options of the classifier: accelerator, devices, num_nodes, strategy, precision
+                      ) -> Path:
     "Mine the U-Net's false positives on training patients, train the candidate classifier, save it beside the checkpoint."
+    from lightning.pytorch.utilities import rank_zero_only
     from lung_tumor_seg.dataset import read_split
     from lung_tumor_seg.training import load_checkpoint
     s = FP_DEFAULTS | (settings or {})
@@ -367,8 +475,11 @@ def train_fp_reduction(checkpoint:str|Path,   # the trained U-Net
     if verbose and blobs: print(f"candidate classifier: {sum(map(len, blobs.values()))} dense blobs that are not nodules on the same patients")
     patches, labels = candidate_set(prep_dir, train_patients, mined, s, blobs, dense)
     if verbose: print(f"candidate classifier: {len(labels)} patches ({int(labels.sum())} of nodules)")
-    net = train_candidate_net(patches, labels, s, verbose)
-    return FalsePositiveFilter(net, s, model.hparams.get('preprocess')).save(Path(checkpoint).parent/FP_FILE)
+    folder = Path(checkpoint).parent
+    net = train_candidate_net(patches, labels, s, verbose, trainer, run_dir=folder.parent if folder.name == 'checkpoints' else folder)
+    path = folder/FP_FILE
+    if rank_zero_only.rank == 0: FalsePositiveFilter(net, s, model.hparams.get('preprocess')).save(path)   # under DDP: one process writes
+    return path
 
 # %% ../nbs/08a_fp_reduction.ipynb #d8626101
 def fp_filter_for(checkpoint:str|Path, preprocess:dict|None=None) -> FalsePositiveFilter|None:
@@ -381,9 +492,13 @@ def second_stage(checkpoint:str|Path, # the best U-Net checkpoint of a run
                  prep_dir:str|Path,   # its preprocessed folder
                  config:dict          # the run's training configuration
                 ) -> Path|None:
-    "Train the candidate classifier after the U-Net when the configuration enables it; its file, or None."
+    "Train the candidate classifier after the U-Net when the configuration enables it, on the run's devices; its file, or None."
     if not config['fp_reduction']['enabled']: return None
-    return train_fp_reduction(checkpoint, prep_dir, config['fp_reduction'], verbose=config['trainer'].get('enable_progress_bar') is not False)
+    t = config['trainer']
+    options = {k: t[k] for k in _TRAINER_DEFAULTS if k in t}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        options |= dict(devices=1, num_nodes=1, strategy='auto')   # `training.train` runs this stage in the first process alone
+    return train_fp_reduction(checkpoint, prep_dir, config['fp_reduction'], verbose=t.get('enable_progress_bar') is not False, trainer=options)
 
 @cli_command
 def train_main(argv:list[str]|None=None) -> int:

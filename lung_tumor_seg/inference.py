@@ -4,23 +4,29 @@
 
 # %% ../nbs/09_inference.ipynb #9ca1c4f5
 from __future__ import annotations
-import os, re, copy, json, shutil, argparse, tempfile, warnings
-from dataclasses import dataclass
+import os, re, sys, copy, json, time, shutil, argparse, tempfile, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
 from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command, run_each
-from .core import label_components, remove_small_components
-from .training import predict_probabilities
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from .core import label_components, remove_small_components, usable_cores
+from .unet import fold_batchnorm
+from .training import volume_probabilities, volume_loader, predict_trainer, run_predict, inference_settings, INFERENCE_KEYS
 from .volumes import LPS_AXES, to_lps_grid, nifti_array
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
 from .dataset import context_stack, context_step
 
 # %% auto #0
-__all__ = ['CHEST_CT_SPACING_MM', 'SOURCE_TYPE2_ATTRIBUTES', 'safe_file_name', 'InputVolume', 'read_volume', 'check_spacing',
-           'with_empty_type2', 'write_dicom_seg', 'overlay_frames', 'save_animation', 'model_settings',
-           'stored_probabilities', 'predict_volume', 'load_model', 'predict', 'input_series', 'predict_main']
+__all__ = ['CHEST_CT_SPACING_MM', 'SOURCE_TYPE2_ATTRIBUTES', 'COHORT_COLUMNS', 'safe_file_name', 'InputVolume', 'read_volume',
+           'check_spacing', 'with_empty_type2', 'write_dicom_seg', 'overlay_frames', 'save_animation', 'model_settings',
+           'Carried', 'Segmenter', 'stored_probabilities', 'predict_volume', 'load_model', 'Predictor',
+           'load_predictor', 'SeriesJob', 'SeriesClaims', 'SeriesInputs', 'finish_prediction', 'input_lps_affine',
+           'write_prediction', 'findings_labels', 'PredictionWriter', 'write_cohort_table', 'predict_jobs', 'predict',
+           'input_series', 'dicom_jobs', 'manifest_jobs', 'cohort_jobs', 'predict_main']
 
 # %% ../nbs/09_inference.ipynb #2fb967c9
 def safe_file_name(text:str,           # a patient ID, folder or file name, UID
@@ -61,6 +67,13 @@ class InputVolume:
 def _one_line(e:Exception, limit:int=240) -> str:
     text = ' '.join(str(e).split())
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+def _about(source, e:Exception) -> str:
+    "One line naming `source` and the problem of `e`, `source` named once."
+    msg = str(e) if isinstance(e, LungsegError) else _one_line(e)
+    for prefix in dict.fromkeys((f"{source}: ", f"{Path(source)}: ")):
+        if msg.startswith(prefix): msg = msg[len(prefix):]
+    return f"{source}: {msg}"
 
 def _check_volume(path, hu, spacing_mm):
     if hu.size == 0 or min(hu.shape) == 0: raise LungsegError(f"{path}: empty volume (shape {hu.shape})")
@@ -121,15 +134,17 @@ def with_empty_type2(header,                                # a DICOM dataset (a
 # %% ../nbs/09_inference.ipynb #6242a54a
 _SEG_TYPE1 = ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'SOPClassUID', 'FrameOfReferenceUID', 'Modality')  # what a SEG references
 
-def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' regular z grid (`geometry.shape`)
+def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask, or label map (nodule k = k), on the series' regular z grid (`geometry.shape`)
                     series:DicomSeries,    # the CT series it was predicted on
                     path:str|Path,         # output .dcm file
-                    label:str='lung tumour (automatic)',
-                    software_version:str='') -> Path:
-    "Write a binary DICOM Segmentation (highdicom) of `mask_zyx` referencing the slices of `series`."
+                    label:str='lung tumour (automatic)', # the segment's label when there is one segment
+                    software_version:str='',
+                    segment_labels:list|None=None # one label per nodule of a label map: a segment each (None or empty: one segment)
+                   ) -> Path:
+    "Write a binary DICOM Segmentation (highdicom) of `mask_zyx` referencing the slices of `series`: one segment, or one per nodule."
     import highdicom as hd
     from highdicom.sr import CodedConcept
-    mask = np.asarray(mask_zyx, bool)
+    mask = np.asarray(mask_zyx)
     if mask.shape != tuple(series.geometry.shape):
         raise LungsegError(f"{series.folder}: mask shape {mask.shape} does not match the series {tuple(series.geometry.shape)}")
     mask = mask[series.slice_index]   # one frame per slice that exists: the planes of a gap have no image to reference
@@ -138,15 +153,21 @@ def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask on the series' regular 
             raise LungsegError(f"{f}: no {gap} in the header, which a DICOM SEG must reference (stripped by an anonymizer?)")
     if not software_version:
         from lung_tumor_seg import __version__ as software_version
+    labels = list(segment_labels or []) or [label]
+    if len(labels) > 1 or segment_labels: pixels = mask.astype(np.uint16 if len(labels) > 255 else np.uint8)   # a label map: segment k = value k
+    else: pixels = (mask > 0).astype(np.uint8)
+    if pixels.max() > len(labels): raise LungsegError(f"{series.folder}: label map holds {int(pixels.max())} nodules, {len(labels)} segment labels given")
     algorithm = hd.AlgorithmIdentificationSequence(name='lung_tumor_seg 2D U-Net', version=software_version,
                                                    family=CodedConcept('123109', 'DCM', 'Artificial Intelligence'))
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+    segments = [hd.seg.SegmentDescription(
+        segment_number=k, segment_label=text[:64], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         segmented_property_category=CodedConcept('49755003', 'SCT', 'Morphologically Abnormal Structure'),
-        segmented_property_type=CodedConcept('108369006', 'SCT', 'Neoplasm'), algorithm_identification=algorithm)
+        segmented_property_type=CodedConcept('108369006', 'SCT', 'Neoplasm'), algorithm_identification=algorithm,
+        tracking_id=f'nodule {k}' if segment_labels else None, tracking_uid=hd.UID() if segment_labels else None)
+        for k, text in enumerate(labels, start=1)]
     try:
         seg = hd.seg.Segmentation(
-            source_images=[with_empty_type2(h) for h in series.headers], pixel_array=mask.astype(np.uint8), segment_descriptions=[segment],
+            source_images=[with_empty_type2(h) for h in series.headers], pixel_array=pixels, segment_descriptions=segments,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer='lung_tumor_seg', manufacturer_model_name='2D U-Net',
             software_versions=software_version, device_serial_number='0', series_description='lung tumour segmentation (automatic)',
@@ -213,22 +234,61 @@ def model_settings(model:torch.nn.Module) -> tuple:
     if prep is None: raise LungsegError("the model carries no preprocessing settings (hparams['preprocess']): not a lung_tumor_seg checkpoint?")
     return PreprocessConfig.from_dict(dict(prep)), int(hp.get('context_slices', 0)), hp.get('context_mm')
 
+class Carried:
+    "What an item carries past the device untouched (a volume, its headers): Lightning moves only tensors, and leaves this alone."
+    __slots__ = ('value',)
+    def __init__(self, value): self.value = value
+
+class Segmenter(L.LightningModule):
+    "The U-Net and its second stage as one Lightning predictor: each item's tumour probability on the stored grid, and what the second stage did."
+    def __init__(self, model:torch.nn.Module, # trained 2D model (B, C, H, W) -> logits, e.g. a `SegModule`
+                 fp_filter=None,              # a `FalsePositiveFilter` (None: the U-Net alone)
+                 tta:bool=False,              # flip test-time augmentation
+                 threshold:float=0.5,         # the second stage's candidates are the components above this
+                 batch_size:int=16):          # slices per forward pass
+        super().__init__()
+        self.net = fold_batchnorm(getattr(model, 'net', model))   # eval-mode copy with BatchNorm folded into the convolutions
+        self.in_channels = getattr(model, 'in_channels', None) or getattr(getattr(model, 'net', None), 'in_channels', None)
+        self.fp_filter, self.tta, self.threshold, self.batch_size = fp_filter, tta, threshold, batch_size
+        self.second_net = fp_filter.net if fp_filter is not None else None   # registered: Lightning moves it with the U-Net
+
+    def probabilities(self, stack:torch.Tensor, spacing_mm:tuple) -> tuple:
+        "Tumour probability `(z, H, W)` on the stored grid after the second stage, the U-Net's own, and the second stage's counts."
+        if self.in_channels is not None and self.in_channels != stack.shape[1]:
+            raise LungsegError(f"model expects {self.in_channels} input channels, the input gives {stack.shape[1]}")
+        prob = volume_probabilities(self.net, stack, self.batch_size, self.tta).float().cpu().numpy()
+        if self.fp_filter is None: return prob, prob, None
+        middle = stack[:, stack.shape[1]//2].float().cpu().numpy()   # the stored slices themselves
+        with torch.autocast(self.device.type, enabled=False):         # the classifier was chosen on fp32 scores
+            refined, counts = self.fp_filter.refine(prob, middle, tuple(spacing_mm), self.threshold)
+        return refined, prob, counts
+
+    def on_predict_start(self):
+        if self.device.type == 'cpu' and self.trainer.num_devices > 1:   # processes of one machine share its cores
+            torch.set_num_threads(max(1, usable_cores() // self.trainer.num_devices))
+
+    def predict_step(self, batch:dict, batch_idx:int=0) -> dict:
+        "One item of a `SeriesInputs` or stored volumes: its probabilities, or the item unchanged when it holds none (skipped, failed)."
+        if 'image' not in batch: return batch
+        out = {k: v for k, v in batch.items() if k != 'image'}
+        try: prob, unet, counts = self.probabilities(batch['image'], batch['spacing_mm'])
+        except LungsegError as e: return out | dict(error=str(e))
+        return out | dict(prob=prob, unet_prob=unet, counts=counts)
+
 def stored_probabilities(model:torch.nn.Module, # trained model (B, C, H, W) -> logits
                          stack:np.ndarray|torch.Tensor, # preprocessed volume with its context channels (z, C, H, W)
                          spacing_mm:tuple,        # (dz, dy, dx) of the stored grid
                          batch_size:int=16,       # slices per forward pass
                          tta:bool=False,          # flip test-time augmentation
                          threshold:float=0.5,     # the second stage's candidates are the components above this
-                         fp_filter=None           # a `FalsePositiveFilter` (None: the U-Net alone)
+                         fp_filter=None,          # a `FalsePositiveFilter` (None: the U-Net alone)
+                         accelerator:str='auto', precision:str='auto'
                         ) -> tuple:
-    "Tumour probability `(z, H, W)` on the stored grid, after the second stage when given, and the second stage's counts (or None)."
-    expected = getattr(model, 'in_channels', None) or getattr(getattr(model, 'net', None), 'in_channels', None)
-    if expected is not None and expected != stack.shape[1]:
-        raise LungsegError(f"model expects {expected} input channels, the input gives {stack.shape[1]}")
-    prob = predict_probabilities(model, stack, batch_size, tta)
-    if fp_filter is None: return prob, None
-    middle = np.asarray(stack[:, stack.shape[1]//2], np.float32)   # the stored slices themselves
-    return fp_filter.refine(prob, middle, tuple(spacing_mm), threshold)
+    "Tumour probability `(z, H, W)` on the stored grid of one volume, after the second stage when given, and its counts (or None)."
+    item = dict(index=0, image=torch.as_tensor(np.asarray(stack, np.float32)), spacing_mm=tuple(spacing_mm))
+    [out] = run_predict(predict_trainer(accelerator, 1, precision=precision), Segmenter(model, fp_filter, tta, threshold, batch_size), volume_loader([item]))
+    if 'error' in out: raise LungsegError(out['error'])
+    return out['prob'], out['counts']
 
 # %% ../nbs/09_inference.ipynb #ebac07a8
 def predict_volume(model:torch.nn.Module,     # trained model (B, C, H, W) -> logits, e.g. a `SegModule`
@@ -269,117 +329,435 @@ def load_model(checkpoint:str|Path) -> torch.nn.Module:
     except LungsegError as e: raise LungsegError(f"{path}: {e}") from None
     return model.eval()
 
-# %% ../nbs/09_inference.ipynb #1263c737
-def _about(source, e:Exception) -> str:
-    "One line naming `source` and the problem of `e`, `source` named once."
-    msg = str(e) if isinstance(e, LungsegError) else _one_line(e)
-    for prefix in dict.fromkeys((f"{source}: ", f"{Path(source)}: ")):
-        if msg.startswith(prefix): msg = msg[len(prefix):]
-    return f"{source}: {msg}"
+# %% ../nbs/09_inference.ipynb #5d0c8e21
+@dataclass
+class Predictor:
+    "A trained model, its second stage and the settings to segment with: what `predict` and `evaluate` both run."
+    model: torch.nn.Module
+    fp_filter: object = None
+    settings: dict = field(default_factory=lambda: dict(threshold=0.5, tta=False, min_volume_mm3=0.0, batch_size=16, second_stage=False, source='given'))
+    checkpoint: str = ''
+    notes: list = field(default_factory=list)   # lines to print: defaults used, flags that override the run's settings
 
-def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an already loaded model
-            input:str|Path,            # DICOM series folder or NIfTI file
-            out_dir:str|Path,          # folder for the outputs
-            seg:bool=False,            # also write a DICOM SEG (DICOM input only)
-            prob:bool=False,           # also write the probability map
-            min_volume_mm3:float=0,    # remove predicted components smaller than this
-            tta:bool=False,            # flip test-time augmentation
-            threshold:float=0.5,       # probability threshold
-            batch_size:int=16,         # slices per forward pass
-            animation:bool=True,       # write the overlay GIF (and MP4 when ffmpeg exists)
-            series_uid:str|None=None,  # the series to segment when a DICOM folder holds several
-            fp_reduction:bool=True     # apply the false-positive classifier trained with the checkpoint (its folder's fp_reduction.pt), when there is one
-           ) -> dict:
-    "Segment one DICOM series or NIfTI volume and write mask, optional probability map, DICOM SEG and overlay: all of them, or none."
-    import time
-    t0 = time.perf_counter()
-    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_model(checkpoint)
+    def segmenter(self) -> Segmenter:
+        "The Lightning predictor of these settings."
+        s = self.settings
+        return Segmenter(self.model, self.fp_filter if s['second_stage'] else None, s['tta'], s['threshold'], s['batch_size'])
+
+    def record(self) -> dict:
+        "The settings used, as metrics.json and each prediction's summary record them."
+        return {k: self.settings[k] for k in (*INFERENCE_KEYS, 'source')}
+
+def load_predictor(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an already loaded model (then the settings are `overrides` on the defaults)
+                   overrides:dict|None=None,            # flags given: threshold, tta, min_volume_mm3, batch_size, second_stage (None: not given)
+                   expect:dict|None=None                # settings the checkpoint must match (image_size, window)
+                  ) -> Predictor:
+    "The model of a checkpoint, its second stage, and the settings to segment with: the run's inference.yaml, flags on top."
+    from lung_tumor_seg.training import load_checkpoint
     from lung_tumor_seg.fp_reduction import fp_filter_for
-    fp = fp_filter_for(checkpoint, model.hparams.get('preprocess')) if fp_reduction and not isinstance(checkpoint, torch.nn.Module) else None
-    with warnings.catch_warnings(record=True) as caught:   # notes on the input (duplicate slices, qform/sform, spacing): printed and kept in the summary
-        warnings.simplefilter('always')
-        vol = read_volume(input, series_uid)
-        if seg and vol.series is None: raise LungsegError(f"{input}: a DICOM SEG needs a DICOM series as input (got a NIfTI file)")
-        check_spacing(vol.spacing_mm, str(input))
-    notes = list(dict.fromkeys(' '.join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)))
-    for note in notes: print(f"lungseg predict: warning: {note}")
-    mask, probability = predict_volume(model, vol.hu_zyx, vol.spacing_mm, batch_size=batch_size, tta=tta,
-                                       threshold=threshold, min_volume_mm3=min_volume_mm3, fp_filter=fp)
+    if isinstance(checkpoint, Predictor):   # a model, its second stage and settings already put together (the benchmark's)
+        return Predictor(checkpoint.model, checkpoint.fp_filter, checkpoint.settings | {k: v for k, v in (overrides or {}).items() if v is not None},
+                         checkpoint.checkpoint, checkpoint.notes)
+    if isinstance(checkpoint, torch.nn.Module):
+        settings = Predictor(checkpoint).settings | {k: v for k, v in (overrides or {}).items() if v is not None}
+        return Predictor(checkpoint, None, settings | dict(second_stage=False), type(checkpoint).__name__)
+    model = load_model(checkpoint) if expect is None else load_checkpoint(checkpoint, expect=expect)
+    fp = fp_filter_for(checkpoint, model.hparams.get('preprocess'))
+    settings, notes = inference_settings(checkpoint, dict(model.hparams), fp is not None, overrides)
+    return Predictor(model, fp, settings, str(checkpoint), notes)
+
+# %% ../nbs/09_inference.ipynb #c41f7a02
+@dataclass
+class SeriesJob:
+    "One volume of a cohort: where it is, which series, and the folder its outputs go to."
+    source: Path             # DICOM folder (any layout) or NIfTI file
+    series_uid: str|None = None
+    patient: str = ''
+    key: str = ''            # output subfolder ('': the output folder itself)
+
+    @property
+    def label(self) -> str: return self.series_uid or str(self.source)
+
+def _done(folder:Path) -> Path|None:
+    "The summary of a finished prediction in `folder` (written last, so its presence means every output is there)."
+    return next(iter(sorted(folder.glob('*_prediction.json'))), None) if folder.is_dir() else None
+
+class SeriesClaims:
+    "Exclusive claims on the series of an output folder (file locks, released when a process ends): no two processes write one series."
+    def __init__(self, out_dir:Path): self.folder, self.held = Path(out_dir)/'.lungseg-claims', {}
+    def acquire(self, key:str) -> bool:
+        "Claim `key`; False when another process holds it."
+        import fcntl
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder/f'{key}.lock', os.O_CREAT | os.O_RDWR, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError: os.close(fd); return False
+        self.held[key] = fd
+        return True
+    def release(self, key:str):
+        "Give `key` back."
+        import fcntl
+        fd = self.held.pop(key, None)
+        if fd is not None: fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+
+class SeriesInputs(torch.utils.data.Dataset):
+    "The volumes of a cohort read and preprocessed one at a time, as the model expects them: one item a series (or NIfTI file)."
+    def __init__(self, jobs:list,                # `SeriesJob`s
+                 model:torch.nn.Module,          # the trained model: its preprocessing and 2.5D context
+                 out_dir:str|Path|None=None,     # the cohort's output folder: finished series are skipped, series claimed (None: neither)
+                 need_series:bool=False,         # a DICOM series is needed (for a DICOM SEG, SR or RTSTRUCT)
+                 redo:bool=False):               # predict finished series again
+        self.jobs, self.out_dir, self.need_series, self.redo = list(jobs), Path(out_dir) if out_dir else None, need_series, redo
+        self.preprocess, self.k, self.context_mm = model_settings(model)
+        self.claims = SeriesClaims(self.out_dir) if self.out_dir is not None else None
+    def __len__(self): return len(self.jobs)
+    def release(self, i:int):
+        "Give back the claim on item `i`'s series."
+        if self.claims is not None: self.claims.release(self.jobs[i].key)
+    def __getitem__(self, i:int) -> dict:
+        job, t0 = self.jobs[i], time.perf_counter()
+        if self.claims is not None and job.key:
+            if not self.redo and _done(self.out_dir/job.key): return dict(index=i, status='done before', t0=t0)
+            if not self.claims.acquire(job.key): return dict(index=i, status='written by another process', t0=t0)
+            if not self.redo and _done(self.out_dir/job.key): self.release(i); return dict(index=i, status='done before', t0=t0)
+            for stale in (self.out_dir/job.key).glob('.*.part'): shutil.rmtree(stale, ignore_errors=True)   # left by a run that was stopped
+        try:
+            with warnings.catch_warnings(record=True) as caught:   # notes on the input (duplicate slices, qform/sform, spacing): printed and kept
+                warnings.simplefilter('always')
+                vol = read_volume(job.source, job.series_uid)
+                if self.need_series and vol.series is None: raise LungsegError("a DICOM SEG needs a DICOM series as input (got a NIfTI file)")
+                check_spacing(vol.spacing_mm, str(job.source))
+            notes = list(dict.fromkeys(' '.join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)))
+            image, meta = preprocess_volume(vol.hu_zyx, vol.spacing_mm, self.preprocess)
+            stack = context_stack(image, self.k, context_step(self.context_mm, meta['stored_spacing_mm'][0]))   # (z, C, H, W)
+        except (LungsegError, OSError, ValueError) as e:
+            return dict(index=i, error=_about(job.source, e), t0=t0)
+        return dict(index=i, image=torch.from_numpy(np.ascontiguousarray(stack)), spacing_mm=tuple(meta['stored_spacing_mm']),
+                    carried=Carried(dict(volume=vol, meta=meta, notes=notes)), t0=t0)
+
+# %% ../nbs/09_inference.ipynb #0e7d3b55
+def finish_prediction(prediction:dict, # an output of `Segmenter.predict_step` on a `SeriesInputs` item
+                      settings:dict    # the settings used (threshold, min_volume_mm3)
+                     ) -> tuple:
+    "Mask, probability and the second stage's additions, on the volume's `L, P, S` grid: what `predict` writes and `evaluate` scores."
+    meta, vol = prediction['carried'].value['meta'], prediction['carried'].value['volume']
+    prob = restore_mask(prediction['prob'], meta)
+    mask = remove_small_components(prob >= settings['threshold'], vol.spacing_mm, settings['min_volume_mm3']).astype(bool)
+    added = mask & ~(restore_mask(prediction['unet_prob'], meta) >= settings['threshold'])
+    return mask, prob, added
+
+# %% ../nbs/09_inference.ipynb #1263c737
+def input_lps_affine(vol:InputVolume) -> np.ndarray:
+    "The 4x4 affine from the input's own voxels `(column, row, slice)` to DICOM patient coordinates (L, P, S) in mm."
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(vol.affine, float)
+
+def write_prediction(prediction:dict,       # an output of `Segmenter.predict_step` on a `SeriesInputs` item
+                     out_dir:str|Path,      # the series' output folder
+                     predictor:Predictor,   # what predicted it (its settings are recorded)
+                     seg:bool=False,        # also write a DICOM SEG, one segment per nodule (DICOM input only)
+                     prob:bool=False,       # also write the probability map
+                     sr:bool=False,         # also write a DICOM SR measurement report (TID 1500) of the nodules; implies `seg`
+                     rtstruct:bool=False,   # also write the nodules as an RT Structure Set
+                     animation:bool=True,   # write the overlay GIF (and MP4 when ffmpeg exists)
+                     preview:bool=True,     # write preview.png: each nodule's axial slice with its outline and diameters
+                     extra:dict|None=None   # more to record in the summary
+                    ) -> dict:
+    "Write mask, findings, preview and the optional outputs of one prediction: all of them, or none (the summary last)."
+    from lung_tumor_seg.findings import nodule_labels, nodule_findings, write_findings, findings_preview, write_measurement_report, write_rtstruct
+    carried = prediction['carried'].value
+    vol, notes, t0 = carried['volume'], carried['notes'], prediction.get('t0', time.perf_counter())
+    mask, probability, added = finish_prediction(prediction, predictor.settings)
+    seg = seg or sr
     out_dir, name = Path(out_dir), vol.name
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging, placed = Path(tempfile.mkdtemp(prefix=f'.{name}.', suffix='.part', dir=out_dir)), {}
     try:   # every output is written in a temporary folder beside the targets, then moved, the summary last
-        files = dict(mask=save_nifti(vol.to_input_grid(mask).astype(np.uint8), vol.affine, staging/f'{name}_mask.nii.gz'))
-        if prob: files['prob'] = save_nifti(vol.to_input_grid(probability).astype(np.float32), vol.affine, staging/f'{name}_prob.nii.gz')
-        if seg: files['seg'] = write_dicom_seg(vol.to_input_grid(mask), vol.series, staging/f'{name}_seg.dcm')
+        own = lambda a: vol.to_input_grid(a)
+        mask_own, hu_own = own(mask).astype(np.uint8), own(vol.hu_zyx)
+        affine_lps = input_lps_affine(vol)
+        labels, _ = nodule_labels(mask_own, affine_lps)
+        findings = nodule_findings(mask_own, affine_lps, hu_own, own(probability), own(added).astype(bool))
+        files = dict(mask=save_nifti(mask_own, vol.affine, staging/f'{name}_mask.nii.gz'))
+        files |= {f'findings_{k}': v for k, v in write_findings(findings, staging, name).items()}
+        if prob: files['prob'] = save_nifti(own(probability).astype(np.float32), vol.affine, staging/f'{name}_prob.nii.gz')
+        if seg:
+            files['seg'] = write_dicom_seg(labels, vol.series, staging/f'{name}_seg.dcm', segment_labels=findings_labels(findings))
+        if sr:
+            import pydicom
+            files['sr'] = write_measurement_report(findings, pydicom.dcmread(files['seg']), vol.series, staging/f'{name}_sr.dcm')
+        if rtstruct: files['rtstruct'] = write_rtstruct(labels, findings, vol.series, staging/f'{name}_rtstruct.dcm')
+        if preview: files['preview'] = findings_preview(hu_own, mask_own, findings, staging/f'{name}_preview.png', affine_lps=affine_lps)
         if animation:
             frames = overlay_frames(vol.hu_zyx, mask)
             files['gif'] = save_animation(frames, staging/f'{name}_overlay.gif')
             if shutil.which('ffmpeg'): files['mp4'] = save_animation(frames, staging/f'{name}_overlay.mp4')
-        _, n_components = label_components(mask)
-        summary = dict(input=str(input), series_uid=vol.series.series_uid if vol.series is not None else None, checkpoint=str(checkpoint) if not isinstance(checkpoint, torch.nn.Module) else type(checkpoint).__name__,
+        counts = prediction.get('counts')
+        summary = dict(input=str(vol.path), series_uid=vol.series.series_uid if vol.series is not None else None,
+                       patient=vol.series.patient_id if vol.series is not None else '', checkpoint=predictor.checkpoint,
                        name=name, shape_zyx=list(vol.hu_zyx.shape), spacing_mm=[round(v, 4) for v in vol.spacing_mm],
                        tumour_voxels=int(mask.sum()), tumour_volume_mm3=round(float(mask.sum()*np.prod(vol.spacing_mm)), 1),
-                       components=int(n_components), threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, fp_reduction=fp is not None,
-                       warnings=notes, seconds=round(time.perf_counter() - t0, 2),
-                       outputs={k: Path(v).name for k, v in files.items()})
+                       components=int(len(findings)), nodules=int(len(findings)), inference=predictor.record(),
+                       second_stage=counts, warnings=notes, **(extra or {}),
+                       seconds=round(time.perf_counter() - t0, 2), outputs={k: Path(v).name for k, v in files.items()})
         files['summary'] = staging/f'{name}_prediction.json'
-        files['summary'].write_text(json.dumps(summary, indent=1))
+        files['summary'].write_text(json.dumps(summary, indent=1, default=str))
         for kind, path in files.items():
             os.replace(path, out_dir/path.name); placed[kind] = out_dir/path.name
     except BaseException as e:
         for path in placed.values(): path.unlink(missing_ok=True)
         if not isinstance(e, Exception): raise
-        raise LungsegError(f"{_about(input, e)}; no outputs written to {out_dir}") from None
+        raise LungsegError(f"{_about(vol.path, e)}; no outputs written to {out_dir}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out_dir.iterdir()): out_dir.rmdir()
     return dict(summary, files=placed)
 
+def findings_labels(findings) -> list:
+    "Segment labels of a SEG with one segment per nodule: its number, diameters and volume."
+    return [f"nodule {int(r.nodule)}: {r.long_axis_mm:.1f} x {r.short_axis_mm:.1f} mm, {r.volume_mm3:.0f} mm3" for r in findings.itertuples()]
+
+# %% ../nbs/09_inference.ipynb #7a3f5e90
+COHORT_COLUMNS = ['series_uid', 'patient', 'source', 'status', 'seconds', 'nodules', 'total_volume_mm3', 'warnings', 'folder', 'rank', 'error']
+
+def _row(job:SeriesJob, status:str, folder:Path|None=None, summary:dict|None=None, error:str='', seconds=None, rank=0) -> dict:
+    s = summary or {}
+    return dict(series_uid=job.series_uid or s.get('series_uid') or '', patient=job.patient or s.get('patient') or '', source=str(job.source),
+                status=status, seconds=seconds if seconds is not None else s.get('seconds'), nodules=s.get('nodules'),
+                total_volume_mm3=s.get('tumour_volume_mm3'), warnings=' | '.join(s.get('warnings') or []), folder=str(folder or ''), rank=rank, error=error)
+
+class PredictionWriter(BasePredictionWriter):
+    "Writes each series' outputs as soon as it is predicted (each process its own series), and records a row per series."
+    def __init__(self, dataset:SeriesInputs, out_dir:str|Path, predictor:Predictor, verbose:bool=True, **outputs):
+        super().__init__(write_interval='batch')
+        self.dataset, self.out_dir, self.predictor, self.verbose, self.outputs = dataset, Path(out_dir), predictor, verbose, outputs
+        self.rows, self.results = [], {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        i = prediction['index']
+        job, rank = self.dataset.jobs[i], trainer.global_rank
+        folder = self.out_dir/job.key
+        try:
+            if 'status' in prediction:
+                done = _done(folder)
+                row = _row(job, prediction['status'], folder, json.loads(done.read_text()) if done else None, rank=rank)
+            elif 'error' in prediction: row = _row(job, 'failed', error=prediction['error'], seconds=round(time.perf_counter() - prediction['t0'], 2), rank=rank)
+            else:
+                out = write_prediction(prediction, folder, self.predictor, **self.outputs, extra=dict(device=str(pl_module.device), rank=rank, pid=os.getpid()))
+                self.results[i] = out
+                row = _row(job, 'done', folder, out, rank=rank)
+                from tqdm.auto import tqdm
+                for note in out['warnings']: tqdm.write(f"lungseg predict: warning: {note}")
+                if self.verbose: _report(out, files=not job.key, rank=rank if trainer.world_size > 1 else None)
+        except LungsegError as e: row = _row(job, 'failed', error=str(e), rank=rank)
+        finally: self.dataset.release(i)
+        self.rows.append(dict(row, index=i))
+
+    def on_predict_end(self, trainer, pl_module):
+        "Every process's rows, in the cohort's order (gathered while the processes are still connected)."
+        import torch.distributed as dist
+        rows = self.rows
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None]*trainer.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        self.rows = sorted(rows, key=lambda r: r['index'])
+
+def write_cohort_table(rows:list, path:str|Path) -> Path:
+    "Write the cohort table (`cohort.csv`): a row per series with its status, time, nodules, volume and warnings."
+    import pandas as pd
+    table = pd.DataFrame([{k: r.get(k) for k in COHORT_COLUMNS} for r in rows], columns=COHORT_COLUMNS)
+    with atomic_path(path, '.csv') as tmp: table.to_csv(tmp, index=False)
+    return Path(path)
+
+# %% ../nbs/09_inference.ipynb #b2c8d4e6
+def predict_jobs(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an already loaded model
+                 jobs:list,                 # `SeriesJob`s; one with key '' writes into `out_dir` itself
+                 out_dir:str|Path,          # output folder: a subfolder per series (its key), cohort.csv
+                 overrides:dict|None=None,  # settings given as flags (threshold, tta, min_volume_mm3, batch_size, second_stage)
+                 accelerator:str='auto', devices:int|str=1, num_nodes:int=1, strategy:str='auto', precision:str='auto',
+                 redo:bool=False,           # predict series already finished again
+                 progress:bool=False,       # Lightning's progress bar, a step a series
+                 verbose:bool=True,         # a line per series written
+                 failed:list|None=None,     # rows of series that could not even be found (a manifest's), added to the table
+                 **outputs) -> tuple:       # seg, prob, animation, preview
+    "Segment every job through `Trainer.predict` (several devices share the series), write each series once; rows, results, and whether this is rank 0."
+    predictor = load_predictor(checkpoint, overrides)
+    out_dir = Path(out_dir)
+    cohort = not (len(jobs) == 1 and not jobs[0].key)
+    need_series = any(outputs.get(k) for k in ('seg', 'sr', 'rtstruct'))
+    dataset = SeriesInputs(jobs, predictor.model, out_dir if cohort else None, need_series, redo)
+    writer = PredictionWriter(dataset, out_dir, predictor, verbose, **outputs)
+    try: trainer = predict_trainer(accelerator, devices, num_nodes, strategy, precision, progress=progress, callbacks=[writer])
+    except Exception as e: raise LungsegError(f"--accelerator {accelerator} --devices {devices}: {_one_line(e)}") from None
+    if trainer.is_global_zero:
+        for note in predictor.notes: print(f"lungseg predict: note: {note}")
+    run_predict(trainer, predictor.segmenter(), volume_loader(dataset), return_predictions=False)
+    rows = list(failed or []) + writer.rows
+    if cohort and trainer.is_global_zero: write_cohort_table(rows, out_dir/'cohort.csv')
+    return rows, writer.results, trainer.is_global_zero
+
+def predict(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an already loaded model
+            input:str|Path,            # DICOM series folder or NIfTI file
+            out_dir:str|Path,          # folder for the outputs
+            seg:bool=False,            # also write a DICOM SEG (DICOM input only), one segment per nodule
+            prob:bool=False,           # also write the probability map
+            min_volume_mm3:float|None=None, # remove predicted components smaller than this (None: the run's inference.yaml)
+            tta:bool|None=None,        # flip test-time augmentation (None: the run's)
+            threshold:float|None=None, # probability threshold (None: the run's)
+            batch_size:int|None=None,  # slices per forward pass (None: the run's)
+            animation:bool=True,       # write the overlay GIF (and MP4 when ffmpeg exists)
+            series_uid:str|None=None,  # the series to segment when a DICOM folder holds several
+            fp_reduction:bool|None=None, # the second stage (None: the run's; False: the U-Net alone)
+            preview:bool=True,            # write preview.png of the nodules
+            sr:bool=False, rtstruct:bool=False,
+            accelerator:str='auto', precision:str='auto'
+           ) -> dict:
+    "Segment one DICOM series or NIfTI volume and write mask, findings, preview, optional probability map, DICOM SEG and overlay: all of them, or none."
+    overrides = dict(threshold=threshold, tta=tta, min_volume_mm3=min_volume_mm3, batch_size=batch_size, second_stage=fp_reduction)
+    rows, results, _ = predict_jobs(checkpoint, [SeriesJob(Path(input), series_uid)], out_dir, overrides, accelerator, precision=precision,
+                                    verbose=False, seg=seg, prob=prob, sr=sr, rtstruct=rtstruct, animation=animation, preview=preview)
+    if rows and rows[0]['status'] == 'failed': raise LungsegError(rows[0]['error'])
+    return results[0]
+
 # %% ../nbs/09_inference.ipynb #8fdbb2de
 def input_series(path:Path) -> list:
     "SeriesInstanceUIDs of the CT image series under a DICOM folder, at any depth (empty for a NIfTI file)."
-    if not Path(path).is_dir(): return []
-    from lung_tumor_seg.series_index import build_series_index
-    index = build_series_index(path, cache=None)
-    index = index[index.modality.isin(['CT', ''])]
-    return list(index.series_uid)
+    return [j.series_uid for j in dicom_jobs(path)] if Path(path).is_dir() else []
 
-def _report(out:dict):
-    print(f"{out['name']}: {out['tumour_voxels']} tumour voxels ({out['tumour_volume_mm3']} mm³, {out['components']} component(s)) "
-          f"in {out['seconds']} s")
-    for kind, path in out['files'].items(): print(f"  {kind}: {path}")
+def dicom_jobs(root:str|Path) -> list:
+    "A `SeriesJob` for every CT image series under a DICOM folder (any layout), by patient and series."
+    from lung_tumor_seg.series_index import build_series_index
+    index = build_series_index(root, cache=None)
+    index = index[index.modality.isin(['CT', ''])]
+    return [SeriesJob(Path(root), r.series_uid, r.patient_id, safe_file_name(f'{r.patient_id}_{r.series_uid}')) for r in index.itertuples()]
+
+def _nifti_files(root:Path) -> list:
+    return sorted(p for p in root.rglob('*') if p.is_file() and p.name.endswith(('.nii', '.nii.gz'))
+                  and not any(part.startswith('.') for part in p.relative_to(root).parts))
+
+_MANIFEST_NAMES = {'path': 'path', 'filelocation': 'path', 'folder': 'path', 'file': 'path',
+                   'seriesuid': 'series_uid', 'seriesinstanceuid': 'series_uid', 'series': 'series_uid',
+                   'subjectid': 'patient', 'patientid': 'patient', 'patient': 'patient'}
+
+def manifest_jobs(manifest:str|Path,        # CSV with a column of paths (path, File Location) and/or of SeriesInstanceUIDs (series_uid, Series UID)
+                  root:str|Path|None=None   # where relative paths and UIDs are looked up (default: the manifest's folder)
+                 ) -> tuple:
+    "The jobs a manifest names (NBIA Data Retriever's metadata.csv among them), and a row for each it names that is not there."
+    import pandas as pd
+    manifest = Path(manifest)
+    root = Path(root) if root else manifest.parent
+    try: table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except Exception as e: raise LungsegError(f"{manifest}: not a readable CSV manifest ({_one_line(e)})") from None
+    cols = {c: _MANIFEST_NAMES.get(re.sub(r'[\W_]+', '', c.lower())) for c in table.columns}
+    table = table.rename(columns={c: n for c, n in cols.items() if n}).loc[:, lambda t: ~t.columns.duplicated()]
+    if not {'path', 'series_uid'} & set(table.columns):
+        raise LungsegError(f"{manifest}: no column of paths (path, File Location) or of SeriesInstanceUIDs (series_uid, Series UID) among {', '.join(cols)}")
+    index = None
+    jobs, failed = [], []
+    for n, r in enumerate(table.to_dict('records'), start=2):   # line numbers of the file (line 1: the header)
+        path, uid, patient = r.get('path', '').strip().replace('\\', '/'), r.get('series_uid', '').strip(), r.get('patient', '').strip()
+        where = f"{manifest} line {n}"
+        if path:
+            source = Path(path) if Path(path).is_absolute() else root/path
+            if not source.exists():
+                failed.append(_row(SeriesJob(source, uid or None, patient), 'failed', error=f"{where}: {source} not found")); continue
+            if source.is_file(): jobs.append(SeriesJob(source, None, patient, safe_file_name(source.name.split('.nii')[0]))); continue
+            found = [j for j in dicom_jobs(source) if not uid or j.series_uid == uid]
+            if not found: failed.append(_row(SeriesJob(source, uid or None, patient), 'failed', error=f"{where}: no CT series {uid} under {source}")); continue
+            jobs += found
+        elif uid:
+            if index is None: index = {j.series_uid: j for j in dicom_jobs(root)}
+            if uid not in index: failed.append(_row(SeriesJob(root, uid, patient), 'failed', error=f"{where}: series {uid} not found under {root}")); continue
+            jobs.append(index[uid])
+    return jobs, failed
+
+def cohort_jobs(input:str|Path,           # NIfTI file, DICOM/NIfTI folder of any layout, or a CSV manifest
+                root:str|Path|None=None,  # for a manifest: where its paths and UIDs are looked up
+                series:list|None=None,    # only these SeriesInstanceUIDs
+                patients:list|None=None,  # only these PatientIDs
+                limit:int|None=None       # at most this many series (after the filters)
+               ) -> tuple:
+    "The series to segment: `SeriesJob`s and the rows of those that could not be found."
+    input = Path(input)
+    failed = []
+    if not input.exists(): raise LungsegError(f"{input}: input not found (expected a DICOM folder, a NIfTI file or a CSV manifest)")
+    if input.is_file() and input.suffix.lower() == '.csv': jobs, failed = manifest_jobs(input, root)
+    elif input.is_file(): jobs = [SeriesJob(input, None, '', '')]
+    else:
+        jobs = dicom_jobs(input) + [SeriesJob(f, None, '', safe_file_name(str(f.relative_to(input)).split('.nii')[0])) for f in _nifti_files(input)]
+        if not jobs: raise LungsegError(f"{input}: no CT series and no NIfTI file found (looked at any depth)")
+    if series:
+        missing = [u for u in series if u not in {j.series_uid for j in jobs}]
+        if missing: raise LungsegError(f"{input}: no CT series {' '.join(missing)} (found {len(jobs)}: {' '.join(j.label for j in jobs[:10]) or 'none'})")
+        jobs = [j for j in jobs if j.series_uid in series]
+    if patients: jobs = [j for j in jobs if j.patient in patients]
+    if limit is not None: jobs = jobs[:limit]
+    if len(jobs) == 1 and not failed and input.is_dir() and not (series or patients or limit): jobs[0].key = ''   # one series: its outputs in the output folder
+    return jobs, failed
+
+def _report(out:dict, files:bool=True, rank:int|None=None):
+    "A line on a series written (beside a progress bar, if any), and its files."
+    from tqdm.auto import tqdm
+    where = f"{Path(out['files']['summary']).parent}" if not files else ''
+    tqdm.write(f"{f'[rank {rank}] ' if rank is not None else ''}{out['name']}: {out['nodules']} nodule(s), {out['tumour_volume_mm3']} mm³ in all, "
+               f"in {out['seconds']} s{': ' + where if where else ''}")
+    if files:
+        for kind, path in out['files'].items(): tqdm.write(f"  {kind}: {path}")
 
 @cli_command
 def predict_main(argv:list[str]|None=None) -> int:
     "Entry point of `lungseg predict`."
-    p = argparse.ArgumentParser(prog='lungseg predict', description='Segment CT series or NIfTI volumes: NIfTI mask on the input grid, optional DICOM SEG.')
+    p = argparse.ArgumentParser(prog='lungseg predict', description="Segment CT series or NIfTI volumes with a trained run, as the run's "
+                                "inference.yaml says: NIfTI mask on the input grid, nodule findings and preview, optional DICOM SEG (a segment per nodule).")
     p.add_argument('--checkpoint', type=Path, required=True, help='trained checkpoint (RUN_DIR/checkpoints/best.ckpt)')
-    p.add_argument('--input', type=Path, required=True, help='NIfTI file (.nii/.nii.gz), or DICOM folder of any layout: every CT series under it')
-    p.add_argument('--series', nargs='+', default=None, metavar='UID', help='only these SeriesInstanceUIDs of a DICOM folder')
-    p.add_argument('--out', type=Path, required=True, help='output folder (one subfolder <PatientID>_<SeriesUID> per series when the input holds several)')
-    p.add_argument('--seg', action='store_true', help='also write a DICOM SEG (DICOM input only)')
+    p.add_argument('--input', type=Path, required=True, help='NIfTI file, a folder of any layout (every CT series and NIfTI file under it), '
+                   'or a CSV manifest of paths or SeriesInstanceUIDs (such as NBIA Data Retriever\'s metadata.csv)')
+    p.add_argument('--root', type=Path, default=None, help="for a manifest: the folder its paths and UIDs are under (default: the manifest's)")
+    p.add_argument('--series', nargs='+', default=None, metavar='UID', help='only these SeriesInstanceUIDs')
+    p.add_argument('--patient', nargs='+', default=None, metavar='ID', help='only these PatientIDs')
+    p.add_argument('--limit', type=int, default=None, help='at most this many series')
+    p.add_argument('--out', type=Path, required=True, help='output folder (one subfolder <PatientID>_<SeriesUID> per series when the input holds several, and cohort.csv)')
+    p.add_argument('--seg', action='store_true', help='also write a DICOM SEG, one segment per nodule (DICOM input only)')
+    p.add_argument('--sr', action='store_true', help='also write a DICOM SR measurement report (TID 1500) of the nodules, referencing the SEG and the CT')
+    p.add_argument('--rtstruct', action='store_true', help='also write the nodules as an RT Structure Set (needs rt-utils)')
     p.add_argument('--prob', action='store_true', help='also write the probability map (NIfTI float32)')
-    p.add_argument('--min-volume-mm3', type=float, default=0, help='remove predicted components smaller than this volume (default 0: keep all)')
-    p.add_argument('--tta', action='store_true', help='flip test-time augmentation (3 passes)')
-    p.add_argument('--threshold', type=float, default=0.5, help='probability threshold (default 0.5)')
-    p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass (default 16)')
+    g = p.add_argument_group("settings (default: the run's inference.yaml; a flag given overrides it and says so)")
+    g.add_argument('--threshold', type=float, default=None, help='probability threshold')
+    g.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='flip test-time augmentation (3 passes)')
+    g.add_argument('--min-volume-mm3', type=float, default=None, help='remove predicted components smaller than this volume')
+    g.add_argument('--batch-size', type=int, default=None, help='slices per forward pass')
+    g.add_argument('--second-stage', action=argparse.BooleanOptionalAction, default=None, help="the second-stage classifier beside the checkpoint (fp_reduction.pt)")
+    g.add_argument('--no-fp-reduction', dest='second_stage', action='store_false', help='the U-Net alone (same as --no-second-stage)')
+    d = p.add_argument_group('devices (as in lungseg train)')
+    d.add_argument('--accelerator', default='auto', help="cpu, gpu, cuda, mps or auto (a GPU when there is one)")
+    d.add_argument('--devices', default='1', help="devices (or auto); several share the series among processes")
+    d.add_argument('--num-nodes', type=int, default=1)
+    d.add_argument('--strategy', default='auto', help="auto: ddp when several devices")
+    d.add_argument('--precision', default='auto', help='auto: bf16-mixed where the device computes bf16 natively, else 32-true')
+    p.add_argument('--redo', action='store_true', help='predict series already finished again (default: skip them, so a stopped run resumes)')
     p.add_argument('--no-animation', action='store_true', help='skip the overlay GIF/MP4')
-    p.add_argument('--no-fp-reduction', action='store_true', help="the U-Net alone, without the false-positive classifier beside the checkpoint (fp_reduction.pt)")
+    p.add_argument('--no-preview', action='store_true', help='skip preview.png')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    options = dict(seg=args.seg, prob=args.prob, min_volume_mm3=args.min_volume_mm3, tta=args.tta, threshold=args.threshold,
-                   batch_size=args.batch_size, animation=not args.no_animation, fp_reduction=not args.no_fp_reduction)
-    uids = input_series(args.input)
-    if args.series:
-        missing = [u for u in args.series if u not in uids]
-        if missing: raise LungsegError(f"{args.input}: no CT series {' '.join(missing)} (found {len(uids)}: {' '.join(uids) or 'none'})")
-        uids = args.series
-    if len(uids) <= 1:
-        _report(predict(args.checkpoint, args.input, args.out, series_uid=uids[0] if uids else None, **options)); return 0
-    def one(uid):
-        series = read_series(args.input, uid)
-        out = predict(args.checkpoint, args.input, args.out/safe_file_name(f'{series.patient_id}_{uid}'), series_uid=uid, **options)
-        _report(out); return out
-    print(f"{args.input}: {len(uids)} CT series")
-    return run_each(uids, one).report('series')
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    jobs, failed = cohort_jobs(args.input, args.root, args.series, args.patient, args.limit)
+    overrides = dict(threshold=args.threshold, tta=args.tta, min_volume_mm3=args.min_volume_mm3, batch_size=args.batch_size, second_stage=args.second_stage)
+    cohort = not (len(jobs) == 1 and not jobs[0].key)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    if cohort: rank_zero_only(print)(f"{args.input}: {len(jobs)} series to segment" + (f", {len(failed)} not found" if failed else ''))
+    rows, _, rank0 = predict_jobs(args.checkpoint, jobs, args.out, overrides, args.accelerator, devices, args.num_nodes, args.strategy, args.precision,
+                                  redo=args.redo, progress=cohort and not args.no_progress, failed=failed, seg=args.seg, prob=args.prob, sr=args.sr, rtstruct=args.rtstruct,
+                                  animation=not args.no_animation, preview=not args.no_preview)
+    if not rank0: return 0
+    from collections import Counter
+    bad = [r for r in rows if r['status'] == 'failed']
+    if cohort:
+        counts = Counter(r['status'] for r in rows)
+        print(f"{len(rows)} series: " + ', '.join(f"{n} {s}" for s, n in counts.items()) + f"; table: {Path(args.out)/'cohort.csv'}")
+    if bad and not cohort: raise LungsegError(bad[0]['error'])   # one input: one line
+    if bad:
+        print(f"{len(bad)} series failed:", file=sys.stderr)
+        for r in bad: print(f"  {r['error']}", file=sys.stderr)
+        return 1
+    return 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_training.ipynb #52f753d0
 from __future__ import annotations
-import argparse, copy, functools, inspect, json, math, sys, zlib
+import argparse, contextlib, copy, functools, inspect, json, math, sys, zlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np, torch, yaml
@@ -19,12 +19,15 @@ from .core import LungsegError, atomic_path, cli_command
 from .unet import UNet, fold_batchnorm
 
 # %% auto #0
-__all__ = ['FP_DEFAULTS', 'PROJECT_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'GPU_SUSTAINED_TFLOPS', 'OptimSettings',
-           'TrainSettings', 'ValSettings', 'EarlyStoppingSettings', 'SecondStageSettings', 'config_parser',
-           'config_path', 'read_config_file', 'load_config', 'CropDiceLoss', 'make_loss', 'warmup_cosine',
-           'patient_dice', 'crop_batch', 'SegModule', 'read_preprocess_settings', 'checkpoint_settings', 'panel_figure',
-           'ValidationPanel', 'cpu_bf16_supported', 'resolve_precision', 'make_trainer', 'predict_probabilities',
-           'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
+__all__ = ['FP_DEFAULTS', 'PROJECT_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'INFERENCE_FILE', 'INFERENCE_KEYS',
+           'GPU_SUSTAINED_TFLOPS', 'OptimSettings', 'TrainSettings', 'ValSettings', 'EarlyStoppingSettings',
+           'InferenceSettings', 'SecondStageSettings', 'config_parser', 'config_path', 'read_config_file',
+           'load_config', 'CropDiceLoss', 'make_loss', 'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule',
+           'read_preprocess_settings', 'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported',
+           'resolve_precision', 'make_trainer', 'volume_probabilities', 'SlicePredictor', 'first_item', 'volume_loader',
+           'quiet_lightning', 'predict_trainer', 'run_predict', 'predict_probabilities', 'path_safe_globals',
+           'make_datamodule', 'train', 'load_checkpoint', 'inference_file', 'write_inference_settings',
+           'update_inference_settings', 'read_inference_file', 'inference_settings', 'train_main', 'epoch_minutes']
 
 # %% ../nbs/08_training.ipynb #d7b5723c
 @dataclass
@@ -52,6 +55,14 @@ class EarlyStoppingSettings:
     "Early stopping on the validation per-patient 3D Dice."
     patience: int = 10
     min_delta: float = 0.0
+
+@dataclass
+class InferenceSettings:
+    "How `lungseg predict` and `lungseg evaluate` segment with the trained model (written to RUN_DIR/inference.yaml)."
+    threshold: float|None = None    # probability at which a voxel is tumour (None: val.threshold)
+    tta: bool = False               # flip test-time augmentation: the mean of 3 passes
+    min_volume_mm3: float = 0.0     # predicted components smaller than this are dropped
+    batch_size: int = 16            # slices per forward pass
 
 # %% ../nbs/08_training.ipynb #3725b8fb
 @dataclass
@@ -113,6 +124,7 @@ def config_parser(prog:str='lungseg train') -> 'jsonargparse.ArgumentParser':
     p.add_argument('--trainer.deterministic', type=bool|str, default='auto', help='auto: deterministic on CPU, fast kernels on GPU')
     p.add_class_arguments(EarlyStoppingSettings, 'early_stopping')
     p.add_class_arguments(SecondStageSettings, 'fp_reduction')
+    p.add_class_arguments(InferenceSettings, 'inference')
     p.set_defaults(PROJECT_DEFAULTS)
     return p
 
@@ -416,30 +428,91 @@ def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:
                      callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
 # %% ../nbs/08_training.ipynb #405d00d9
-@torch.no_grad()
+def volume_probabilities(net:torch.nn.Module,  # 2D model: (B, C, H, W) -> logits (B, 1, H, W)
+                         images:torch.Tensor,  # preprocessed volume (z, C, H, W), on the device of `net`
+                         batch_size:int=16,    # slices per forward pass
+                         tta:bool=False        # average with left-right and up-down flipped passes
+                        ) -> torch.Tensor:
+    "Tumour probability `(z, H, W)` float32 of a preprocessed volume, `batch_size` slices a pass, where `images` lies."
+    out = []
+    flips = [(), (-1,), (-2,)] if tta else [()]
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].float()
+        passes = [torch.sigmoid(net(batch.flip(f) if f else batch).float()) for f in flips]
+        prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
+        if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
+            raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
+        out.append(prob[:, 0])
+    return torch.cat(out) if out else images.new_zeros((0, *images.shape[2:]), dtype=torch.float32)
+
+# %% ../nbs/08_training.ipynb #a1e0c7d2
+class SlicePredictor(L.LightningModule):
+    "A 2D segmentation net as a Lightning predictor of whole volumes: `Trainer.predict` gives each volume's tumour probability."
+    def __init__(self, net:torch.nn.Module, # (B, C, H, W) -> logits (B, 1, H, W); BatchNorm best folded (`fold_batchnorm`)
+                 batch_size:int=16,         # slices per forward pass
+                 tta:bool=False):           # flip test-time augmentation
+        super().__init__()
+        self.net, self.batch_size, self.tta = net, batch_size, tta
+    def forward(self, images:torch.Tensor) -> torch.Tensor: return volume_probabilities(self.net, images, self.batch_size, self.tta)
+    def predict_step(self, batch:dict, batch_idx:int=0) -> torch.Tensor: return self(batch['image'])
+
+def first_item(batch:list):
+    "Collate a batch of one item as the item itself: one volume a step."
+    return batch[0]
+
+def volume_loader(dataset, num_workers:int=0) -> torch.utils.data.DataLoader:
+    "A loader of one item a step, in order: what `Trainer.predict` shares among processes (each item once)."
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item, num_workers=num_workers)
+
+@contextlib.contextmanager
+def quiet_lightning():
+    "Lightning's start-up lines (devices found, this loader has no workers) silenced: a prediction says what it does itself."
+    import logging, warnings
+    loggers = [logging.getLogger(n) for n in ('lightning.pytorch', 'lightning.fabric', 'lightning.pytorch.utilities.rank_zero')]
+    levels = [l.level for l in loggers]
+    for l in loggers: l.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*does not have many workers.*')
+            warnings.filterwarnings('ignore', message='.*`srun` command is available.*')
+            warnings.filterwarnings('ignore', message='.*LeafSpec.*')
+            yield
+    finally:
+        for l, level in zip(loggers, levels): l.setLevel(level)
+
+def predict_trainer(accelerator:str='auto', # 'cpu', 'gpu', 'cuda', 'mps' or 'auto' (a GPU when there is one)
+                    devices:int|str|list=1, # devices (or 'auto'); several: the items are shared among processes (DDP)
+                    num_nodes:int=1,
+                    strategy:str='auto',    # 'auto' ('ddp' when several devices)
+                    precision:str='auto',   # 'auto': bf16-mixed where the device computes bf16 natively, as in training
+                    progress:bool=False,    # Lightning's progress bar
+                    callbacks:list|None=None) -> L.Trainer:
+    "The Lightning `Trainer` every forward pass of prediction, evaluation and the second stage runs through."
+    several = devices not in (1, '1', [0]) or num_nodes > 1
+    if strategy == 'auto' and several: strategy = 'ddp'
+    with quiet_lightning():
+        return L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=resolve_precision(precision, accelerator),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                         callbacks=callbacks or [], inference_mode=True)
+
+def run_predict(trainer:L.Trainer, module:L.LightningModule, loader, return_predictions:bool=True):
+    "`trainer.predict(module, loader)`, Lightning's start-up lines silenced."
+    with quiet_lightning(): return trainer.predict(module, loader, return_predictions=return_predictions)
+
 def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> logits (B, 1, H, W)
                           images:np.ndarray|torch.Tensor,  # preprocessed volume (z, C, H, W)
                           batch_size:int=16,      # slices per forward pass
                           tta:bool=False,         # average with left-right and up-down flipped passes
-                          precision:str='auto'    # 'bf16-mixed', '32-true', or 'auto': bf16 where the device computes it natively, as in training
+                          precision:str='auto',   # 'bf16-mixed', '32-true', or 'auto': bf16 where the device computes it natively, as in training
+                          accelerator:str='auto'  # the device, chosen by Lightning
                          ) -> np.ndarray:
-    "Tumour probability `(z, H, W)` float32 of a preprocessed volume, batched over slices."
+    "Tumour probability `(z, H, W)` float32 of a preprocessed volume, through `Trainer.predict`."
     x = torch.as_tensor(np.asarray(images, np.float32) if isinstance(images, np.ndarray) else images.float())
     if x.ndim != 4: raise LungsegError(f"expected a preprocessed volume (z, C, H, W), got shape {tuple(x.shape)}")
     net = fold_batchnorm(getattr(model, 'net', model))   # eval-mode copy with BatchNorm folded into the convolutions
-    device = next((p.device for p in net.parameters()), torch.device('cpu'))
-    bf16 = resolve_precision(precision, device.type) == 'bf16-mixed'
-    flips = [(), (-1,), (-2,)] if tta else [()]
-    out = np.empty((x.shape[0], *x.shape[2:]), np.float32)
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            passes = [torch.sigmoid(net(batch.flip(f) if f else batch).float()) for f in flips]
-        prob = sum(p.flip(f) if f else p for p, f in zip(passes, flips)) / len(flips)
-        if prob.ndim != 4 or prob.shape[1] != 1 or prob.shape[2:] != batch.shape[2:]:
-            raise LungsegError(f"model output shape {tuple(prob.shape)} does not match its input {tuple(batch.shape)}")
-        out[start:start + len(batch)] = prob[:, 0].cpu().numpy()
-    return out
+    trainer = predict_trainer(accelerator, 1, precision=precision)
+    [prob] = run_predict(trainer, SlicePredictor(net, batch_size, tta), volume_loader([dict(image=x)]))
+    return prob.float().cpu().numpy()
 
 # %% ../nbs/08_training.ipynb #838917ff
 def path_safe_globals():
@@ -479,7 +552,8 @@ def train(prep_dir:str|Path,               # preprocessed folder (`lungseg prepr
         with path_safe_globals(): trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best = trainer.checkpoint_callback.best_model_path
         best = Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
-        if then is not None and rank_zero_only.rank == 0: then(best, prep_dir, config)
+        second = then(best, prep_dir, config) if then is not None and rank_zero_only.rank == 0 else None
+        if rank_zero_only.rank == 0: write_inference_settings(run_dir, config, module.hparams, second_stage=second is not None)
     finally: torch.set_num_threads(threads)
     return best
 
@@ -507,6 +581,97 @@ def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`
     except (RuntimeError, TypeError, LungsegError) as e:
         raise LungsegError(f"{path}: weights do not match the model its settings describe ({str(e).splitlines()[0]})") from None
     return module.eval()
+
+# %% ../nbs/08_training.ipynb #b6f1d9a3
+INFERENCE_FILE = 'inference.yaml'   # RUN_DIR/inference.yaml, beside checkpoints/
+INFERENCE_KEYS = ('threshold', 'tta', 'min_volume_mm3', 'batch_size', 'second_stage')
+_MODEL_KEYS = ('in_channels', 'context_slices', 'context_mm', 'image_size', 'window', 'pixel_mm')   # what the settings belong to
+
+def inference_file(checkpoint:str|Path) -> Path:
+    "The inference settings of a checkpoint: RUN_DIR/inference.yaml for RUN_DIR/checkpoints/*.ckpt, else beside the file."
+    folder = Path(checkpoint).parent
+    return (folder.parent if folder.name == 'checkpoints' else folder)/INFERENCE_FILE
+
+def _model_of(hparams:dict) -> dict:
+    have = checkpoint_settings(hparams) | dict(pixel_mm=(hparams.get('preprocess') or {}).get('pixel_mm'))
+    return {k: have[k] for k in _MODEL_KEYS}
+
+def write_inference_settings(run_dir:str|Path,        # run folder of `lungseg train`
+                             config:dict,             # the run's training configuration (its `inference` and `val` sections)
+                             hparams:dict,            # the model's hyperparameters: the settings belong to this model
+                             second_stage:bool=False, # a second-stage classifier was trained (checkpoints/fp_reduction.pt)
+                             **chosen) -> Path:       # values chosen later, e.g. on validation patients: threshold=(0.4, 'why')
+    "Write RUN_DIR/inference.yaml: how to segment with this run's model, and where each value came from."
+    inf = config.get('inference') or {}
+    values = dict(threshold=float(inf.get('threshold') if inf.get('threshold') is not None else config['val']['threshold']),
+                  tta=bool(inf.get('tta', False)), min_volume_mm3=float(inf.get('min_volume_mm3', 0)),
+                  batch_size=int(inf.get('batch_size', 16)), second_stage=bool(second_stage))
+    why = dict(threshold='inference.threshold of the training configuration' if inf.get('threshold') is not None else 'val.threshold of the training configuration',
+               tta='inference.tta of the training configuration', min_volume_mm3='inference.min_volume_mm3 of the training configuration',
+               batch_size='inference.batch_size of the training configuration',
+               second_stage='fp_reduction.enabled: the classifier trained after the U-Net' if second_stage else 'no second-stage classifier trained')
+    for key, (value, reason) in chosen.items(): values[key], why[key] = value, reason
+    return _write_inference(Path(run_dir)/INFERENCE_FILE, values, _model_of(hparams), why)
+
+def _write_inference(path:Path, values:dict, model:dict, why:dict) -> Path:
+    head = "# How `lungseg predict` and `lungseg evaluate` segment with this run's model; flags override a value (and say so).\n"
+    body = yaml.safe_dump(dict(values, model=model, chosen=why), sort_keys=False)
+    with atomic_path(path, '.yaml') as tmp: tmp.write_text(head + body)
+    return path
+
+def update_inference_settings(checkpoint:str|Path, **chosen) -> Path:
+    "Change values of a run's inference.yaml, e.g. a threshold chosen on validation patients: `threshold=(0.4, 'why')`."
+    path = inference_file(checkpoint)
+    saved = read_inference_file(path)
+    if saved is None: raise LungsegError(f"{path}: not found (runs trained before inference settings existed: train again, or write one)")
+    values, why = {k: saved[k] for k in INFERENCE_KEYS}, dict(saved.get('chosen') or {})
+    for key, (value, reason) in chosen.items(): values[key], why[key] = value, reason
+    return _write_inference(path, values, saved['model'], why)
+
+def read_inference_file(path:str|Path) -> dict|None:
+    "The settings of an inference.yaml, checked; None when there is none."
+    path = Path(path)
+    if not path.is_file(): return None
+    try: saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e: raise LungsegError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
+        raise LungsegError(f"{path}: not an inference settings file (no mapping with a 'model' section)")
+    missing = [k for k in INFERENCE_KEYS if k not in saved]
+    if missing: raise LungsegError(f"{path}: missing setting(s) {', '.join(missing)}")
+    return saved
+
+def _describe_settings(s:dict) -> str:
+    size = f"no component under {s['min_volume_mm3']:g} mm³" if s['min_volume_mm3'] else 'no minimum component volume'
+    return f"threshold {s['threshold']:g}, {'flip TTA' if s['tta'] else 'no TTA'}, {size}, second stage {'on' if s['second_stage'] else 'off'}"
+
+def inference_settings(checkpoint:str|Path,          # the checkpoint to segment with
+                       hparams:dict,                 # its model's hyperparameters (checked against the file's `model`)
+                       second_stage_available:bool,  # a second-stage classifier lies beside the checkpoint
+                       overrides:dict|None=None      # values given as flags (None values are not given)
+                      ) -> tuple:
+    "The settings to segment with (the run's inference.yaml, else stated defaults; flags on top) and the lines that say so."
+    path, notes = inference_file(checkpoint), []
+    saved = read_inference_file(path)
+    if saved is None:
+        val = DEFAULT_CONFIG['val'] | (hparams.get('val') or {})
+        settings = dict(threshold=float(val['threshold']), tta=False, min_volume_mm3=0.0, batch_size=16, second_stage=second_stage_available)
+        notes.append(f"{path}: not found (a run older than inference settings); defaults: {_describe_settings(settings)}")
+        source = 'defaults (no inference.yaml)'
+    else:
+        have = _model_of(hparams)
+        norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+        wrong = [f"{k} {saved['model'].get(k)!r} (the checkpoint's: {have[k]!r})" for k in _MODEL_KEYS if norm(saved['model'].get(k)) != norm(have[k])]
+        if wrong: raise LungsegError(f"{path}: settings of another model: {'; '.join(wrong)}")
+        settings, source = {k: saved[k] for k in INFERENCE_KEYS}, str(path)
+        if settings['second_stage'] and not second_stage_available:
+            raise LungsegError(f"{path}: asks for the second stage, but its classifier is not beside {checkpoint} (fp_reduction.pt)")
+    for key, value in (overrides or {}).items():
+        if value is None or value == settings[key]: continue
+        notes.append(f"--{key.replace('_', '-')} {value} overrides {'inference.yaml' if saved is not None else 'the default'} ({key}: {settings[key]})")
+        settings[key] = value
+    if settings['second_stage'] and not second_stage_available:
+        raise LungsegError(f"{checkpoint}: the second stage is asked for, but there is no classifier beside the checkpoint (fp_reduction.pt)")
+    return dict(settings, source=source), notes
 
 # %% ../nbs/08_training.ipynb #7b93eaab
 _SHORT_FLAGS = {'--data': '--data.prep_dir', '--max-epochs': '--trainer.max_epochs', '--limit-train-batches': '--trainer.limit_train_batches',

@@ -127,3 +127,160 @@ def test_recover_adds_missed_nodules_the_classifier_accepts():
     assert fp.recover(nothing, vol, (1.0, 1.0, 1.0))[1] == dict(blobs=0, recovered=0)
     assert fp.dense == pytest.approx((-450 + 1350)/1500)
     with pytest.raises(LungsegError, match='differ in shape'): fp.recover(nothing[:4], vol, (1.0, 1.0, 1.0))
+
+# --- training through Lightning, scoring where the net lies ---
+import contextlib, io
+from unittest.mock import patch
+from lung_tumor_seg.fp_reduction import (train_candidate_net, candidate_trainer, CandidateModule, train_fp_reduction, second_stage,
+                                         RandomBatches, patch_loader)
+import lung_tumor_seg.fp_reduction as fp_reduction
+
+def toy_patches(n, seed):
+    "Balls (label 1) and tubes running through every z position (label 0) of the same cross-section on the middle slice, (n, 1, 9, 16, 16)."
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.ogrid[:9, :16, :16]
+    out, labels = [], []
+    for i in range(n):
+        r, cy, cx = rng.uniform(2, 4), *rng.uniform(6, 10, 2)
+        ball = (zz - 4)**2*4 + (yy - cy)**2 + (xx - cx)**2 <= r*r
+        tube = np.broadcast_to((yy - cy)**2 + (xx - cx)**2 <= r*r, (9, 16, 16))
+        out.append((np.where(ball if i % 2 else tube, 0.9, 0.3) + rng.normal(0, 0.05, (9, 16, 16))).astype(np.float16)); labels.append(i % 2)
+    return torch.from_numpy(np.stack(out)[:, None]), torch.tensor(labels, dtype=torch.float32)
+
+SHORT = dict(steps=4, batch_size=8, width=2)
+CPU32 = dict(accelerator='cpu', precision='32-true')
+
+def test_training_writes_its_checkpoint_and_logs_into_the_run_folder(tmp_path):
+    X, y = toy_patches(32, 0)
+    net = train_candidate_net(X, y, SHORT, verbose=False, trainer=CPU32, run_dir=tmp_path)
+    assert not net.training and next(net.parameters()).device.type == 'cpu'
+    ckpt = tmp_path/'second_stage'/'candidate_net.ckpt'
+    again = CandidateModule.load_from_checkpoint(ckpt, map_location='cpu').net      # Lightning's checkpoint holds the same classifier
+    for a, b in zip(again.state_dict().values(), net.state_dict().values()): assert torch.equal(a, b)
+    import pandas as pd
+    metrics = pd.read_csv(tmp_path/'logs'/'second_stage'/'csv'/'metrics.csv')
+    assert {'train/loss', 'lr-AdamW'} <= set(metrics.columns) and metrics.step.max() == 3   # the last of 4 steps logged
+    assert list((tmp_path/'logs'/'second_stage'/'tensorboard').glob('events.out.tfevents.*'))
+    # no run folder: nothing written, anywhere
+    with contextlib.chdir(tmp_path/'second_stage'):
+        train_candidate_net(X, y, SHORT, verbose=False, trainer=CPU32)
+        assert sorted(p.name for p in Path('.').iterdir()) == ['candidate_net.ckpt']
+
+def test_same_seed_same_classifier_and_the_old_loops_draws():
+    X, y = toy_patches(32, 0)
+    a, b = (train_candidate_net(X, y, SHORT, verbose=False, trainer=CPU32) for _ in range(2))
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()): assert torch.equal(p, q)
+    c = train_candidate_net(X, y, SHORT | dict(seed=1), verbose=False, trainer=CPU32)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    g = torch.Generator().manual_seed(3)
+    assert list(RandomBatches(32, 8, 2, seed=3)) == [torch.randint(32, (8,), generator=g).tolist() for _ in range(2)]
+    x, _ = next(iter(patch_loader(X, y, 8, 2)))
+    assert x.shape == (8, 1, 9, 16, 16) and x.dtype == torch.float32
+
+def test_trainer_takes_the_runs_devices_and_precision():
+    from lung_tumor_seg.training import resolve_precision
+    t = candidate_trainer(7, trainer=dict(accelerator='cpu', devices=1, num_nodes=1, strategy='auto', precision='auto'), verbose=False)
+    assert type(t.accelerator).__name__ == 'CPUAccelerator' and type(t.strategy).__name__ == 'SingleDeviceStrategy'
+    assert t.precision == resolve_precision('auto', 'cpu') and t.max_steps == 7 and t.loggers == [] and t.checkpoint_callback is None
+    assert candidate_trainer(7, trainer=CPU32, verbose=False).precision == '32-true'
+    with pytest.raises(LungsegError, match='unknown Trainer option.*max_epochs'): candidate_trainer(7, trainer=dict(max_epochs=3))
+    # `lungseg train` hands the second stage its Trainer's options, and only those
+    seen = {}
+    def fake_train(checkpoint, prep_dir, settings, verbose, trainer): seen.update(trainer=trainer, verbose=verbose); return Path('x')
+    config = dict(fp_reduction=dict(enabled=True), trainer=dict(accelerator='cpu', devices=1, num_nodes=1, strategy='auto', precision='32-true',
+                                                                  max_epochs=3, enable_progress_bar=False))
+    with patch.object(fp_reduction, 'train_fp_reduction', fake_train): second_stage('best.ckpt', 'prep', config)
+    assert seen == dict(trainer=dict(accelerator='cpu', devices=1, num_nodes=1, strategy='auto', precision='32-true'), verbose=False)
+
+def test_toy_classifier_separates_balls_from_tubes():
+    X, y = toy_patches(256, 1)
+    net = train_candidate_net(X, y, dict(steps=60, batch_size=32, width=4), verbose=False, trainer=CPU32)
+    Xt, yt = toy_patches(64, 2)
+    with torch.no_grad(): score = torch.sigmoid(net(Xt.float()))
+    assert float(((score > 0.5) == (yt > 0)).float().mean()) > 0.9
+    assert score[yt > 0].mean() > 0.8 and score[yt == 0].mean() < 0.2
+
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x): return x.view_as(x)
+    @staticmethod
+    def backward(ctx, grad): return torch.full_like(grad, float('nan'))
+
+def test_non_finite_bf16_gradients_skip_the_step_and_train_again_in_fp32():
+    X, y = toy_patches(32, 0)
+    plain, steps = CandidateNet.forward, []
+    def nan_under_bf16(self, x):
+        bf16 = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+        steps.append(bf16)
+        return NaNGradient.apply(plain(self, x)) if bf16 else plain(self, x)
+    with patch.object(CandidateNet, 'forward', nan_under_bf16), contextlib.redirect_stdout(io.StringIO()) as said:
+        net = train_candidate_net(X, y, SHORT, verbose=True, trainer=dict(accelerator='cpu', precision='bf16-mixed'))
+    assert [l for l in said.getvalue().splitlines() if 'non-finite' in l] == ['candidate classifier: non-finite bf16 gradients at step 0, training again in fp32']
+    assert steps == [True] + [False]*4                   # one bf16 step, skipped; then the whole schedule in fp32
+    fp32 = train_candidate_net(X, y, SHORT, verbose=False, trainer=CPU32)
+    for a, b in zip(net.state_dict().values(), fp32.state_dict().values()): assert torch.equal(a, b)
+    # the skipped step changed nothing: no optimizer update from NaN gradients
+    module = CandidateModule(width=2, steps=4)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with patch.object(CandidateNet, 'forward', nan_under_bf16):
+        fit = candidate_trainer(4, trainer=dict(accelerator='cpu', precision='bf16-mixed'), verbose=False)
+        fit.fit(module, patch_loader(X, y, 8, 4))
+    assert module.nonfinite_step == 0 and fit.global_step == 1
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items() if 'running' not in k and 'num_batches' not in k)
+
+class Recorder(nn.Module):
+    "A stand-in classifier with its one weight on `device` in `dtype`: records what it is given, answers logit 2 on the CPU."
+    width = 1
+    def __init__(self, device, dtype):
+        super().__init__(); self.weight, self.seen = nn.Parameter(torch.zeros(1, device=device, dtype=dtype)), []
+    def forward(self, x): self.seen.append((x.device.type, x.dtype, tuple(x.shape))); return torch.full((len(x),), 2.0)
+
+def test_scores_are_computed_where_the_nets_weights_lie():
+    vol, _ = scene()
+    centres = np.array([[4.0, 16, 10], [4.0, 16, 36], [4.0, 16, 24]])
+    for device, dtype in (('meta', torch.float32), ('cpu', torch.float64), ('meta', torch.bfloat16)):
+        fp = FalsePositiveFilter(Recorder(device, dtype), dict(patch_slices=9, patch_z_mm=1.0, patch_pixels=16))
+        score = fp.score_points(vol, centres, 1.0, batch=2)
+        assert fp.net.seen == [(device, dtype, (2, 1, 9, 16, 16)), (device, dtype, (1, 1, 9, 16, 16))]
+        assert isinstance(score, np.ndarray) and score.dtype == np.float32
+        np.testing.assert_allclose(score, 1/(1 + np.exp(-2.0)), rtol=1e-6)
+    # a LightningModule holding the filter's net moves it, and the scores follow
+    import lightning as L
+    fp = FalsePositiveFilter(CandidateNet(2), dict(patch_slices=9, patch_z_mm=1.0, patch_pixels=16))
+    holder = L.LightningModule(); holder.fp_net = fp.net
+    single = fp.score_points(vol, centres, 1.0)
+    holder.double()
+    np.testing.assert_allclose(fp.score_points(vol, centres, 1.0), single, atol=1e-5)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_scores_on_the_gpu():
+    vol, _ = scene()
+    fp = FalsePositiveFilter(CandidateNet(2), dict(patch_slices=9, patch_z_mm=1.0, patch_pixels=16))
+    centres = np.array([[4.0, 16, 10], [4.0, 16, 36]])
+    single = fp.score_points(vol, centres, 1.0)
+    fp.net.cuda()
+    np.testing.assert_allclose(fp.score_points(vol, centres, 1.0), single, atol=1e-4)
+
+def prepared(tmp_path):
+    "A preprocessed folder of two patients with a nodule and a vessel each, and a tiny U-Net checkpoint in RUN_DIR/checkpoints/."
+    from conftest import tiny_checkpoint
+    for p in ('P1', 'P2'):
+        image = np.full((12, 32, 32), 0.3, np.float16); image[:, 4:7, 4:7] = 0.9
+        mask = np.zeros(image.shape, np.uint8); mask[5:8, 20:25, 20:25] = 1; image[mask > 0] = 0.9
+        folder = tmp_path/'prep'/'patients'/p; folder.mkdir(parents=True)
+        np.save(folder/'image.npy', image); np.save(folder/'mask.npy', mask)
+        (folder/'meta.json').write_text(json.dumps(dict(stored_spacing_mm=[2.0, 0.8, 0.8])))
+    (tmp_path/'prep'/'split.json').write_text(json.dumps(dict(train=['P1', 'P2'], val=[], test=[])))
+    (tmp_path/'run'/'checkpoints').mkdir(parents=True)
+    return tiny_checkpoint(tmp_path/'run'/'checkpoints'/'best.ckpt'), tmp_path/'prep'
+
+def test_second_stage_trains_into_the_run_folder_and_only_rank_zero_saves(tmp_path, monkeypatch):
+    best, prep = prepared(tmp_path)
+    settings = dict(SHORT, patch_slices=5, patch_pixels=16, mine_patients=1, random_negatives=4, recall_score=None)
+    path = train_fp_reduction(best, prep, settings, verbose=False, trainer=CPU32)
+    assert path == best.parent/FP_FILE and FalsePositiveFilter.load(path).settings['steps'] == 4
+    assert (tmp_path/'run'/'second_stage'/'candidate_net.ckpt').exists() and (tmp_path/'run'/'logs'/'second_stage'/'csv'/'metrics.csv').exists()
+    path.unlink()
+    from lightning.pytorch.utilities import rank_zero_only
+    monkeypatch.setattr(rank_zero_only, 'rank', 1)                  # another process of a DDP run: trains, does not write the filter
+    assert train_fp_reduction(best, prep, settings, verbose=False, trainer=CPU32) == path and not path.exists()

@@ -1,7 +1,7 @@
 "`lungseg predict` on small synthetic DICOM series and NIfTI files: output grid, DICOM SEG references, bad inputs."
 import json
 from pathlib import Path
-import numpy as np, nibabel as nib, pydicom, pytest, torch
+import numpy as np, nibabel as nib, pandas as pd, pydicom, pytest, torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from conftest import tiny_checkpoint, threshold_model
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid, CTImageStorage
@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory):
 def test_predict_dicom_cli_grid_and_seg(checkpoint, tmp_path, capsys):
     folder = write_series(tmp_path/'series', synthetic_ct())
     out = tmp_path/'out'
-    assert predict_main(['--checkpoint', str(checkpoint), '--input', str(folder), '--out', str(out), '--seg', '--prob']) == 0
+    assert predict_main(['--checkpoint', str(checkpoint), '--input', str(folder), '--out', str(out), '--seg', '--prob', '--sr']) == 0
     series = read_series(folder)
     mask = nib.load(out/'SYNTH-0001_mask.nii.gz')
     assert mask.shape == series.geometry.shape[::-1]
@@ -66,6 +66,12 @@ def test_predict_dicom_cli_grid_and_seg(checkpoint, tmp_path, capsys):
     assert (out/'SYNTH-0001_overlay.gif').exists()
     summary = json.loads((out/'SYNTH-0001_prediction.json').read_text())
     assert summary['tumour_voxels'] == int(data.sum())
+    import highdicom as hd   # the nodules' measurement report reads back and references the SEG and the CT
+    sr = hd.sr.srread(out/'SYNTH-0001_sr.dcm')
+    text = str(sr)
+    assert seg.SOPInstanceUID in text and series.sop_uids[0] in text
+    findings = pd.read_csv(out/'SYNTH-0001_findings.csv')
+    assert len(findings) == summary['nodules'] == 1 and f"{findings.long_axis_mm[0]:g}"[:3] in text
 
 @pytest.mark.parametrize('iop', [(1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, -1, 0)], ids=['head-first', 'rotated-180'])
 def test_mask_lands_on_the_input_voxels(tmp_path, iop):

@@ -62,7 +62,7 @@ def test_seg_of_an_anonymized_series(checkpoint, source_series, tmp_path, capsys
     series = read_series(folder)
     assert not any(k in series.headers[0] for k in TYPE2)                 # the source headers were not changed
     files = sorted(p.name for p in out.iterdir())
-    assert files == ['anon_mask.nii.gz', 'anon_prediction.json', 'anon_seg.dcm']   # no PatientID: named after the folder
+    assert files == ['anon_findings.csv', 'anon_findings.json', 'anon_mask.nii.gz', 'anon_prediction.json', 'anon_preview.png', 'anon_seg.dcm']   # no PatientID: named after the folder
     ds = pydicom.dcmread(out/'anon_seg.dcm')
     for k in TYPE2: assert k in ds and ds[k].is_empty, k
     seg = hd.seg.segread(out/'anon_seg.dcm')
@@ -88,7 +88,8 @@ def test_output_names_without_a_usable_patient_id(tmp_path, patient_id, folder, 
     name = expected or uid
     res = predict(threshold_model(), src, tmp_path/'out', animation=False)
     assert res['name'] == name
-    assert sorted(p.name for p in (tmp_path/'out').iterdir()) == [f'{name}_mask.nii.gz', f'{name}_prediction.json']
+    assert sorted(p.name for p in (tmp_path/'out').iterdir()) == sorted(f'{name}_{kind}' for kind in
+                                                                        ('findings.csv', 'findings.json', 'mask.nii.gz', 'prediction.json', 'preview.png'))
 
 
 def _listing(folder):

@@ -187,12 +187,15 @@ def test_fp_reduction_is_trained_with_the_unet_and_used_by_evaluate_and_predict(
     path = run/'checkpoints'/'fp_reduction.pt'
     fp = FalsePositiveFilter.load(path, dict(image_size=[64, 64], window='lung', pixel_mm=None))
     assert fp.settings['steps'] == 3 and fp.settings['threshold'] == 0.0
+    import yaml
+    inference = yaml.safe_load((run/'inference.yaml').read_text())   # written by training: the second stage is on, the threshold the validation one
+    assert inference['second_stage'] is True and inference['threshold'] == 0.5 and 'fp_reduction.enabled' in inference['chosen']['second_stage']
     used = evaluate_run(run, 'val', out_dir=tmp_path/'eval_fp')
     assert used['fp_reduction'].startswith('checkpoints/fp_reduction.pt') and 'candidates' in used['fp_reduction']
     assert evaluate_run(run, 'val', out_dir=tmp_path/'eval_plain', fp_reduction=False)['fp_reduction'] == 'off'
     volume = next((prep.parent/'task'/'imagesTr').glob('*.nii.gz'))
-    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred', animation=False)['fp_reduction'] is True
-    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred2', animation=False, fp_reduction=False)['fp_reduction'] is False
+    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred', animation=False)['inference']['second_stage'] is True
+    assert predict(run/'checkpoints'/'best.ckpt', volume, tmp_path/'pred2', animation=False, fp_reduction=False)['inference']['second_stage'] is False
     # a classifier trained on other data is refused by name
     with pytest.raises(LungsegError, match='image_size'): FalsePositiveFilter.load(path, dict(image_size=[128, 128], window='lung', pixel_mm=None))
 
