@@ -197,6 +197,14 @@ def _one_line(e:Exception, limit:int=240) -> str:
     text = ' '.join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
+def _referenced_segment(seg_dataset, segment:int, series):
+    "The SR's reference to one segment of the SEG: its frames where they name it (several segments), else the segment of the series (one segment)."
+    import highdicom as hd
+    try: return hd.sr.ReferencedSegment.from_segmentation(seg_dataset, segment)
+    except AttributeError:   # one segment: highdicom names it once for all frames (shared functional groups)
+        return hd.sr.ReferencedSegment(seg_dataset.SOPClassUID, seg_dataset.SOPInstanceUID, segment,
+                                       source_series=hd.sr.SourceSeriesForSegmentation(series.series_uid))
+
 def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
                              seg_dataset,            # the nodules' DICOM SEG as read back (pydicom), segment k = nodule k
                              series:DicomSeries,     # the CT series the SEG was made on
@@ -229,7 +237,7 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
         if 'mean_hu' in findings.columns:
             measurements.append(measure(codes.DCM.AttenuationCoefficient, r.mean_hu, codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, referenced_segment=hd.sr.ReferencedSegment(seg_dataset.SOPClassUID, seg_dataset.SOPInstanceUID, int(r.nodule), source_series=hd.sr.SourceSeriesForSegmentation(series.series_uid)),
+            tracking_identifier=tracking, referenced_segment=_referenced_segment(seg_dataset, int(r.nodule), series),
             finding_type=codes.SCT.Nodule, finding_category=codes.SCT.MorphologicallyAbnormalStructure,
             finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], algorithm_id=algorithm, measurements=measurements))
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
