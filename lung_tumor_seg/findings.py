@@ -197,13 +197,17 @@ def _one_line(e:Exception, limit:int=240) -> str:
     text = ' '.join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
-def _referenced_segment(seg_dataset, segment:int, series):
-    "The SR's reference to one segment of the SEG: its frames where they name it (several segments), else the segment of the series (one segment)."
-    import highdicom as hd
-    try: return hd.sr.ReferencedSegment.from_segmentation(seg_dataset, segment)
-    except AttributeError:   # one segment: highdicom names it once for all frames (shared functional groups)
-        return hd.sr.ReferencedSegment(seg_dataset.SOPClassUID, seg_dataset.SOPInstanceUID, segment,
-                                       source_series=hd.sr.SourceSeriesForSegmentation(series.series_uid))
+def _segment_sources(seg_dataset, segment_number:int) -> list:
+    "`(SOP instance, SOP class)` of the CT images one segment's frames were derived from (its number per frame, or shared by all frames)."
+    shared = (seg_dataset.get('SharedFunctionalGroupsSequence') or [{}])[0].get('SegmentIdentificationSequence')
+    sources = {}
+    for frame in seg_dataset.get('PerFrameFunctionalGroupsSequence', []):
+        segment = frame.get('SegmentIdentificationSequence') or shared
+        if segment is None or int(segment[0].ReferencedSegmentNumber) != segment_number: continue
+        for derivation in frame.get('DerivationImageSequence', []):
+            for image in derivation.get('SourceImageSequence', []):
+                sources.setdefault(str(image.ReferencedSOPInstanceUID), str(image.ReferencedSOPClassUID))
+    return list(sources.items())
 
 def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
                              seg_dataset,            # the nodules' DICOM SEG as read back (pydicom), segment k = nodule k
@@ -228,7 +232,8 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
     measure = lambda code, value, unit, **kw: hd.sr.Measurement(name=code, value=float(value), unit=unit, algorithm_id=algorithm, **kw)
     groups = []
     for r in findings.itertuples():
-        segment = segments[int(r.nodule) - 1]
+        segment, sources = segments[int(r.nodule) - 1], _segment_sources(seg_dataset, int(r.nodule))
+        if not sources: raise LungsegError(f"{where}: segment {int(r.nodule)} has no frame derived from a CT image: not the SEG of these findings")
         tracking = hd.sr.TrackingIdentifier(uid=str(segment.get('TrackingUID') or hd.UID()),
                                             identifier=str(segment.get('TrackingID') or f'nodule {int(r.nodule)}'))
         measurements = [measure(codes.SCT.LongAxis, r.long_axis_mm, codes.UCUM.Millimeter),
@@ -237,7 +242,9 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
         if 'mean_hu' in findings.columns:
             measurements.append(measure(codes.DCM.AttenuationCoefficient, r.mean_hu, codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, referenced_segment=_referenced_segment(seg_dataset, int(r.nodule), series),
+            tracking_identifier=tracking, referenced_segment=hd.sr.ReferencedSegment(
+                str(seg_dataset.SOPClassUID), str(seg_dataset.SOPInstanceUID), int(r.nodule),
+                source_images=[hd.sr.SourceImageForSegmentation(c, i) for i, c in sources]),
             finding_type=codes.SCT.Nodule, finding_category=codes.SCT.MorphologicallyAbnormalStructure,
             finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], algorithm_id=algorithm, measurements=measurements))
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -79,7 +79,9 @@ def _read_case(prep_dir:Path, patient:str) -> tuple:
 
 def mine_false_positives(model:torch.nn.Module, # trained U-Net (`SegModule`)
                          prep_dir:str|Path, patients:list,
-                         threshold:float=0.5, min_volume_mm3:float=10.0, batch_size:int=16) -> dict:
+                         threshold:float=0.5, min_volume_mm3:float=10.0, batch_size:int=16,
+                         accelerator:str='auto', precision:str='auto' # of the U-Net's forward passes (`training.predict_probabilities`)
+                        ) -> dict:
     "Per patient, the `(n, 3)` centroids of the model's predicted components that touch no ground-truth tumour."
     from lung_tumor_seg.dataset import context_stack, context_step
     from lung_tumor_seg.core import remove_small_components
@@ -88,7 +90,8 @@ def mine_false_positives(model:torch.nn.Module, # trained U-Net (`SegModule`)
     out = {}
     for patient in patients:
         image, truth, spacing = _read_case(prep_dir, patient)
-        prob = predict_probabilities(model, context_stack(image, k, context_step(mm, spacing[0])), batch_size)
+        prob = predict_probabilities(model, context_stack(image, k, context_step(mm, spacing[0])), batch_size,
+                                     accelerator=accelerator, precision=precision)
         labels, centres = component_centres(remove_small_components(prob >= threshold, spacing, min_volume_mm3))
         hit = np.unique(labels[truth & (labels > 0)])
         out[patient] = centres[~np.isin(np.arange(1, len(centres) + 1), hit)]
@@ -467,7 +470,8 @@ def train_fp_reduction(checkpoint:str|Path,   # the trained U-Net, in RUN_DIR/ch
     rng = np.random.default_rng(s['seed'])
     mine = sorted(rng.choice(train_patients, min(s['mine_patients'], len(train_patients)), replace=False))
     t0 = time.perf_counter()
-    mined = mine_false_positives(model, prep_dir, mine, s['threshold'], s['min_volume_mm3'])
+    t = _TRAINER_DEFAULTS | (trainer or {})
+    mined = mine_false_positives(model, prep_dir, mine, s['threshold'], s['min_volume_mm3'], accelerator=t['accelerator'], precision=t['precision'])
     if verbose: print(f"candidate classifier: {sum(map(len, mined.values()))} false positives of the U-Net mined on "
                       f"{len(mine)} training patients in {time.perf_counter() - t0:.0f} s")
     dense = dense_value(s['dense_hu'], (model.hparams.get('preprocess') or {}).get('window', 'lung'))

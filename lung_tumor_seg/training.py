@@ -25,9 +25,9 @@ __all__ = ['FP_DEFAULTS', 'PROJECT_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'INFER
            'load_config', 'CropDiceLoss', 'make_loss', 'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule',
            'read_preprocess_settings', 'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported',
            'resolve_precision', 'make_trainer', 'volume_probabilities', 'SlicePredictor', 'first_item', 'volume_loader',
-           'quiet_lightning', 'predict_trainer', 'run_predict', 'predict_probabilities', 'path_safe_globals',
-           'make_datamodule', 'train', 'load_checkpoint', 'inference_file', 'write_inference_settings',
-           'update_inference_settings', 'read_inference_file', 'inference_settings', 'train_main', 'epoch_minutes']
+           'quiet_lightning', 'predict_trainer', 'run_predict', 'predict_probabilities', 'inference_file',
+           'write_inference_settings', 'update_inference_settings', 'read_inference_file', 'inference_settings',
+           'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
 
 # %% ../nbs/08_training.ipynb #d7b5723c
 @dataclass
@@ -514,74 +514,6 @@ def predict_probabilities(model:torch.nn.Module,  # 2D model: (B, C, H, W) -> lo
     [prob] = run_predict(trainer, SlicePredictor(net, batch_size, tta), volume_loader([dict(image=x)]))
     return prob.float().cpu().numpy()
 
-# %% ../nbs/08_training.ipynb #838917ff
-def path_safe_globals():
-    "Let `torch.load(weights_only=True)` (no code from the file) read checkpoints whose hyperparameters hold paths."
-    import pathlib
-    return torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath])
-
-def make_datamodule(prep_dir:str|Path, config:dict) -> L.LightningDataModule:
-    "The `LungDataModule` of `prep_dir` with the `data` section of `config`; it serves `train.crop_size` crops."
-    from lung_tumor_seg.dataset import LungDataModule
-    data = {k: v for k, v in config['data'].items() if k != 'prep_dir'}
-    return LungDataModule(prep_dir, seed=config['seed'], crop_size=config['train']['crop_size'], **data)
-
-def train(prep_dir:str|Path,               # preprocessed folder (`lungseg preprocess`)
-          out_dir:str|Path,                # run folder: checkpoints/, logs/, config.yaml, val_panel.png
-          config:dict|None=None,           # from `load_config` (None: defaults)
-          resume:str|Path|None=None,       # checkpoint to continue from, or 'last'
-          datamodule:L.LightningDataModule|None=None,
-          then=None) -> Path:              # a later stage to run on rank 0 after training: `then(best_checkpoint, prep_dir, config)`
-    "Train a `SegModule` on `prep_dir` into `out_dir`, then run `then` (the second stage); returns the best checkpoint."
-    config, prep_dir, run_dir = config or load_config(), Path(prep_dir).resolve(), Path(out_dir)
-    preprocess = read_preprocess_settings(prep_dir)
-    L.seed_everything(config['seed'], workers=True, verbose=False)
-    module = SegModule.from_config(config, preprocess)
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = run_dir/'checkpoints'/'last.ckpt' if str(resume) == 'last' else Path(resume)
-        load_checkpoint(ckpt_path, expect=checkpoint_settings(module.hparams))
-    datamodule = datamodule or make_datamodule(prep_dir, config)
-    trainer = make_trainer(config, run_dir)
-    if rank_zero_only.rank == 0:
-        resolved = copy.deepcopy(config); resolved['data']['prep_dir'] = str(prep_dir)   # the full resolved configuration of the run
-        with atomic_path(run_dir/'config.yaml', '.yaml') as tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    threads = torch.get_num_threads()
-    if config['threads']: torch.set_num_threads(int(config['threads']))
-    try:
-        with path_safe_globals(): trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        best = trainer.checkpoint_callback.best_model_path
-        best = Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
-        second = then(best, prep_dir, config) if then is not None and rank_zero_only.rank == 0 else None
-        if rank_zero_only.rank == 0: write_inference_settings(run_dir, config, module.hparams, second_stage=second is not None)
-    finally: torch.set_num_threads(threads)
-    return best
-
-# %% ../nbs/08_training.ipynb #ef752c6f
-def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`
-                    expect:dict|None=None,    # settings that must match, e.g. dict(in_channels=3, image_size=[256, 256], window='lung')
-                    map_location='cpu') -> SegModule:
-    "The `SegModule` of a training checkpoint, in eval mode, after checking it against `expect`."
-    path = Path(path)
-    if not path.is_file(): raise LungsegError(f"{path}: checkpoint not found")
-    try:
-        with path_safe_globals(): ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise LungsegError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'hyper_parameters' not in ckpt:
-        raise LungsegError(f"{path}: not a lung_tumor_seg training checkpoint (no weights or hyperparameters)")
-    hparams = dict(ckpt['hyper_parameters'])
-    have = checkpoint_settings(hparams)
-    for key, wanted in (expect or {}).items():
-        if key not in have: raise LungsegError(f"{path}: unknown checkpoint setting {key!r} (known: {', '.join(have)})")
-        norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
-        if norm(have[key]) != norm(wanted): raise LungsegError(f"{path}: checkpoint has {key}={have[key]!r}, expected {wanted!r}")
-    try:
-        module = SegModule(**hparams)
-        module.load_state_dict(ckpt['state_dict'])
-    except (RuntimeError, TypeError, LungsegError) as e:
-        raise LungsegError(f"{path}: weights do not match the model its settings describe ({str(e).splitlines()[0]})") from None
-    return module.eval()
-
 # %% ../nbs/08_training.ipynb #b6f1d9a3
 INFERENCE_FILE = 'inference.yaml'   # RUN_DIR/inference.yaml, beside checkpoints/
 INFERENCE_KEYS = ('threshold', 'tta', 'min_volume_mm3', 'batch_size', 'second_stage')
@@ -672,6 +604,74 @@ def inference_settings(checkpoint:str|Path,          # the checkpoint to segment
     if settings['second_stage'] and not second_stage_available:
         raise LungsegError(f"{checkpoint}: the second stage is asked for, but there is no classifier beside the checkpoint (fp_reduction.pt)")
     return dict(settings, source=source), notes
+
+# %% ../nbs/08_training.ipynb #838917ff
+def path_safe_globals():
+    "Let `torch.load(weights_only=True)` (no code from the file) read checkpoints whose hyperparameters hold paths."
+    import pathlib
+    return torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath])
+
+def make_datamodule(prep_dir:str|Path, config:dict) -> L.LightningDataModule:
+    "The `LungDataModule` of `prep_dir` with the `data` section of `config`; it serves `train.crop_size` crops."
+    from lung_tumor_seg.dataset import LungDataModule
+    data = {k: v for k, v in config['data'].items() if k != 'prep_dir'}
+    return LungDataModule(prep_dir, seed=config['seed'], crop_size=config['train']['crop_size'], **data)
+
+def train(prep_dir:str|Path,               # preprocessed folder (`lungseg preprocess`)
+          out_dir:str|Path,                # run folder: checkpoints/, logs/, config.yaml, val_panel.png
+          config:dict|None=None,           # from `load_config` (None: defaults)
+          resume:str|Path|None=None,       # checkpoint to continue from, or 'last'
+          datamodule:L.LightningDataModule|None=None,
+          then=None) -> Path:              # a later stage to run on rank 0 after training: `then(best_checkpoint, prep_dir, config)`
+    "Train a `SegModule` on `prep_dir` into `out_dir`, then run `then` (the second stage); returns the best checkpoint."
+    config, prep_dir, run_dir = config or load_config(), Path(prep_dir).resolve(), Path(out_dir)
+    preprocess = read_preprocess_settings(prep_dir)
+    L.seed_everything(config['seed'], workers=True, verbose=False)
+    module = SegModule.from_config(config, preprocess)
+    ckpt_path = None
+    if resume is not None:
+        ckpt_path = run_dir/'checkpoints'/'last.ckpt' if str(resume) == 'last' else Path(resume)
+        load_checkpoint(ckpt_path, expect=checkpoint_settings(module.hparams))
+    datamodule = datamodule or make_datamodule(prep_dir, config)
+    trainer = make_trainer(config, run_dir)
+    if rank_zero_only.rank == 0:
+        resolved = copy.deepcopy(config); resolved['data']['prep_dir'] = str(prep_dir)   # the full resolved configuration of the run
+        with atomic_path(run_dir/'config.yaml', '.yaml') as tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    threads = torch.get_num_threads()
+    if config['threads']: torch.set_num_threads(int(config['threads']))
+    try:
+        with path_safe_globals(): trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best = trainer.checkpoint_callback.best_model_path
+        best = Path(best) if best else run_dir/'checkpoints'/'last.ckpt'
+        second = then(best, prep_dir, config) if then is not None and rank_zero_only.rank == 0 else None
+        if rank_zero_only.rank == 0: write_inference_settings(run_dir, config, module.hparams, second_stage=second is not None)
+    finally: torch.set_num_threads(threads)
+    return best
+
+# %% ../nbs/08_training.ipynb #ef752c6f
+def load_checkpoint(path:str|Path,           # a `.ckpt` written by `train`
+                    expect:dict|None=None,    # settings that must match, e.g. dict(in_channels=3, image_size=[256, 256], window='lung')
+                    map_location='cpu') -> SegModule:
+    "The `SegModule` of a training checkpoint, in eval mode, after checking it against `expect`."
+    path = Path(path)
+    if not path.is_file(): raise LungsegError(f"{path}: checkpoint not found")
+    try:
+        with path_safe_globals(): ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e: raise LungsegError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'hyper_parameters' not in ckpt:
+        raise LungsegError(f"{path}: not a lung_tumor_seg training checkpoint (no weights or hyperparameters)")
+    hparams = dict(ckpt['hyper_parameters'])
+    have = checkpoint_settings(hparams)
+    for key, wanted in (expect or {}).items():
+        if key not in have: raise LungsegError(f"{path}: unknown checkpoint setting {key!r} (known: {', '.join(have)})")
+        norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+        if norm(have[key]) != norm(wanted): raise LungsegError(f"{path}: checkpoint has {key}={have[key]!r}, expected {wanted!r}")
+    try:
+        module = SegModule(**hparams)
+        module.load_state_dict(ckpt['state_dict'])
+    except (RuntimeError, TypeError, LungsegError) as e:
+        raise LungsegError(f"{path}: weights do not match the model its settings describe ({str(e).splitlines()[0]})") from None
+    return module.eval()
 
 # %% ../nbs/08_training.ipynb #7b93eaab
 _SHORT_FLAGS = {'--data': '--data.prep_dir', '--max-epochs': '--trainer.max_epochs', '--limit-train-batches': '--trainer.limit_train_batches',

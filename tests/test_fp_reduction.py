@@ -277,7 +277,11 @@ def prepared(tmp_path):
 def test_second_stage_trains_into_the_run_folder_and_only_rank_zero_saves(tmp_path, monkeypatch):
     best, prep = prepared(tmp_path)
     settings = dict(SHORT, patch_slices=5, patch_pixels=16, mine_patients=1, random_negatives=4, recall_score=None)
+    import lung_tumor_seg.training as training
+    passes, predict = [], training.predict_probabilities
+    monkeypatch.setattr(training, 'predict_probabilities', lambda *a, **kw: passes.append(kw) or predict(*a, **kw))
     path = train_fp_reduction(best, prep, settings, verbose=False, trainer=CPU32)
+    assert passes == [dict(accelerator='cpu', precision='32-true')]    # the mining's forward passes on the run's device and precision
     assert path == best.parent/FP_FILE and FalsePositiveFilter.load(path).settings['steps'] == 4
     assert (tmp_path/'run'/'second_stage'/'candidate_net.ckpt').exists() and (tmp_path/'run'/'logs'/'second_stage'/'csv'/'metrics.csv').exists()
     path.unlink()
