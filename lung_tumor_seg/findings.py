@@ -245,8 +245,8 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
             tracking_identifier=tracking, referenced_segment=hd.sr.ReferencedSegment(
                 str(seg_dataset.SOPClassUID), str(seg_dataset.SOPInstanceUID), int(r.nodule),
                 source_images=[hd.sr.SourceImageForSegmentation(c, i) for i, c in sources]),
-            finding_type=codes.SCT.Nodule, finding_category=codes.SCT.MorphologicallyAbnormalStructure,
-            finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], algorithm_id=algorithm, measurements=measurements))
+            finding_type=codes.SCT.Nodule, finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], algorithm_id=algorithm,
+            measurements=measurements))
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(), name='lung_tumor_seg', model_name='2D U-Net'))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
