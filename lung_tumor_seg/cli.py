@@ -49,4 +49,7 @@ def main(argv:list[str]|None=None) -> int:
     except SystemExit as e: rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return int(rc or 0)
 
-if __name__ == '__main__': sys.exit(main())   # `python -m lung_tumor_seg.cli`: how Lightning's DDP launcher starts the other processes of a command
+# %% ../nbs/13_cli.ipynb #5e1c0a9d
+#| eval: false
+# `python -m lung_tumor_seg.cli`: how Lightning's DDP launcher starts the other processes of a command (not run here: a notebook is `__main__` too)
+if __name__ == '__main__': sys.exit(main())

@@ -389,16 +389,27 @@ class SeriesClaims:
         "Claim `key`; False when another process holds it."
         import fcntl
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder/f'{key}.lock', os.O_CREAT | os.O_RDWR, 0o644)
+        path = self.folder/f'{key}.lock'
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError: os.close(fd); return False
+        try: same = os.stat(path).st_ino == os.fstat(fd).st_ino   # a lock file its holder removed meanwhile claims nothing
+        except FileNotFoundError: same = False
+        if not same: os.close(fd); return self.acquire(key)
         self.held[key] = fd
         return True
     def release(self, key:str):
-        "Give `key` back."
+        "Give `key` back, removing its lock file."
         import fcntl
         fd = self.held.pop(key, None)
-        if fd is not None: fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+        if fd is None: return
+        (self.folder/f'{key}.lock').unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+    def close(self):
+        "Release every claim; remove the claims folder once no process holds one."
+        for key in list(self.held): self.release(key)
+        try: self.folder.rmdir()
+        except OSError: pass
 
 class SeriesInputs(torch.utils.data.Dataset):
     "The volumes of a cohort read and preprocessed one at a time, as the model expects them: one item a series (or NIfTI file)."
@@ -592,7 +603,9 @@ def predict_jobs(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an a
     except Exception as e: raise LungsegError(f"--accelerator {accelerator} --devices {devices}: {_one_line(e)}") from None
     if trainer.is_global_zero:
         for note in predictor.notes: print(f"lungseg predict: note: {note}")
-    run_predict(trainer, predictor.segmenter(), volume_loader(dataset), return_predictions=False)
+    try: run_predict(trainer, predictor.segmenter(), volume_loader(dataset), return_predictions=False)
+    finally:
+        if dataset.claims is not None: dataset.claims.close()
     rows = list(failed or []) + writer.rows
     if cohort and trainer.is_global_zero: write_cohort_table(rows, out_dir/'cohort.csv')
     return rows, writer.results, trainer.is_global_zero
@@ -693,7 +706,7 @@ def cohort_jobs(input:str|Path,           # NIfTI file, DICOM/NIfTI folder of an
         jobs = [j for j in jobs if j.series_uid in series]
     if patients: jobs = [j for j in jobs if j.patient in patients]
     if limit is not None: jobs = jobs[:limit]
-    if len(jobs) == 1 and not failed and input.is_dir() and not (series or patients or limit): jobs[0].key = ''   # one series: its outputs in the output folder
+    if len(jobs) == 1 and not failed and input.is_dir() and not (patients or limit): jobs[0].key = ''   # one series (alone, or named by --series): its outputs in the output folder
     return jobs, failed
 
 def _report(out:dict, files:bool=True, rank:int|None=None):
@@ -717,7 +730,7 @@ def predict_main(argv:list[str]|None=None) -> int:
     p.add_argument('--series', nargs='+', default=None, metavar='UID', help='only these SeriesInstanceUIDs')
     p.add_argument('--patient', nargs='+', default=None, metavar='ID', help='only these PatientIDs')
     p.add_argument('--limit', type=int, default=None, help='at most this many series')
-    p.add_argument('--out', type=Path, required=True, help='output folder (one subfolder <PatientID>_<SeriesUID> per series when the input holds several, and cohort.csv)')
+    p.add_argument('--out', type=Path, required=True, help='output folder (one subfolder <PatientID>_<SeriesUID> per series and cohort.csv, unless the input or --series names a single series)')
     p.add_argument('--seg', action='store_true', help='also write a DICOM SEG, one segment per nodule (DICOM input only)')
     p.add_argument('--sr', action='store_true', help='also write a DICOM SR measurement report (TID 1500) of the nodules, referencing the SEG and the CT')
     p.add_argument('--rtstruct', action='store_true', help='also write the nodules as an RT Structure Set (needs rt-utils)')
