@@ -33,6 +33,12 @@ clean-nbs: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python scripts/build_docs.py
 
+# The figures the pages show: the notebooks that draw, run top to bottom (the real LIDC-IDRI sample where it is, slow cells too),
+# their outputs checked (no machine paths, progress bars or large PNGs) and saved in place, then nbdev_clean (scripts/figures.py).
+.PHONY: figures
+figures: $(STAMP)
+	$(BIN)/python scripts/figures.py $(NOTEBOOKS)
+
 # The benchmark's peers (SimpleITK, ...: the `bench` extra of settings.ini) are installed first, so that every row has its peer.
 BENCH_STAMP := $(VENV)/.lungseg-bench-installed
 $(BENCH_STAMP): $(STAMP)
