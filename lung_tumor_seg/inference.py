@@ -26,7 +26,8 @@ __all__ = ['CHEST_CT_SPACING_MM', 'SOURCE_TYPE2_ATTRIBUTES', 'COHORT_COLUMNS', '
            'Carried', 'Segmenter', 'stored_probabilities', 'predict_volume', 'load_model', 'Predictor',
            'load_predictor', 'SeriesJob', 'SeriesClaims', 'SeriesInputs', 'finish_prediction', 'input_lps_affine',
            'write_prediction', 'findings_labels', 'PredictionWriter', 'write_cohort_table', 'predict_jobs', 'predict',
-           'input_series', 'dicom_jobs', 'manifest_jobs', 'cohort_jobs', 'predict_main']
+           'input_series', 'dicom_jobs', 'manifest_jobs', 'cohort_jobs', 'add_inference_flags', 'inference_flags',
+           'predict_main']
 
 # %% ../nbs/09_inference.ipynb #2fb967c9
 def safe_file_name(text:str,           # a patient ID, folder or file name, UID
@@ -718,6 +719,31 @@ def _report(out:dict, files:bool=True, rank:int|None=None):
     if files:
         for kind, path in out['files'].items(): tqdm.write(f"  {kind}: {path}")
 
+def add_inference_flags(p:argparse.ArgumentParser, # the parser of `lungseg predict` or `lungseg evaluate`
+                        shared:str='series'         # what several processes share among them (series, patients)
+                       ) -> argparse.ArgumentParser:
+    "Add the flags `lungseg predict` and `lungseg evaluate` share: the inference settings (over the run's inference.yaml) and the devices."
+    g = p.add_argument_group("settings (default: the run's inference.yaml; a flag given overrides it and says so)")
+    g.add_argument('--threshold', type=float, default=None, help='probability threshold')
+    g.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='flip test-time augmentation (3 passes)')
+    g.add_argument('--min-volume-mm3', type=float, default=None, help='remove predicted components smaller than this volume')
+    g.add_argument('--batch-size', type=int, default=None, help='slices per forward pass')
+    g.add_argument('--second-stage', action=argparse.BooleanOptionalAction, default=None, help="the second-stage classifier beside the checkpoint (fp_reduction.pt)")
+    g.add_argument('--no-fp-reduction', dest='second_stage', action='store_false', help='the U-Net alone (same as --no-second-stage)')
+    d = p.add_argument_group('devices (as in lungseg train)')
+    d.add_argument('--accelerator', default='auto', help="cpu, gpu, cuda, mps or auto (a GPU when there is one)")
+    d.add_argument('--devices', default='1', help=f"devices (or auto); several share the {shared} among processes")
+    d.add_argument('--num-nodes', type=int, default=1)
+    d.add_argument('--strategy', default='auto', help="auto: ddp when several devices")
+    d.add_argument('--precision', default='auto', help='auto: bf16-mixed where the device computes bf16 natively, else 32-true')
+    return p
+
+def inference_flags(args:argparse.Namespace) -> tuple:
+    "The settings the flags override (None: not given) and the device options, from arguments parsed with `add_inference_flags`."
+    overrides = dict(threshold=args.threshold, tta=args.tta, min_volume_mm3=args.min_volume_mm3, batch_size=args.batch_size, second_stage=args.second_stage)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    return overrides, dict(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision)
+
 @cli_command
 def predict_main(argv:list[str]|None=None) -> int:
     "Entry point of `lungseg predict`."
@@ -735,31 +761,18 @@ def predict_main(argv:list[str]|None=None) -> int:
     p.add_argument('--sr', action='store_true', help='also write a DICOM SR measurement report (TID 1500) of the nodules, referencing the SEG and the CT')
     p.add_argument('--rtstruct', action='store_true', help='also write the nodules as an RT Structure Set (needs rt-utils)')
     p.add_argument('--prob', action='store_true', help='also write the probability map (NIfTI float32)')
-    g = p.add_argument_group("settings (default: the run's inference.yaml; a flag given overrides it and says so)")
-    g.add_argument('--threshold', type=float, default=None, help='probability threshold')
-    g.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='flip test-time augmentation (3 passes)')
-    g.add_argument('--min-volume-mm3', type=float, default=None, help='remove predicted components smaller than this volume')
-    g.add_argument('--batch-size', type=int, default=None, help='slices per forward pass')
-    g.add_argument('--second-stage', action=argparse.BooleanOptionalAction, default=None, help="the second-stage classifier beside the checkpoint (fp_reduction.pt)")
-    g.add_argument('--no-fp-reduction', dest='second_stage', action='store_false', help='the U-Net alone (same as --no-second-stage)')
-    d = p.add_argument_group('devices (as in lungseg train)')
-    d.add_argument('--accelerator', default='auto', help="cpu, gpu, cuda, mps or auto (a GPU when there is one)")
-    d.add_argument('--devices', default='1', help="devices (or auto); several share the series among processes")
-    d.add_argument('--num-nodes', type=int, default=1)
-    d.add_argument('--strategy', default='auto', help="auto: ddp when several devices")
-    d.add_argument('--precision', default='auto', help='auto: bf16-mixed where the device computes bf16 natively, else 32-true')
+    add_inference_flags(p, 'series')
     p.add_argument('--redo', action='store_true', help='predict series already finished again (default: skip them, so a stopped run resumes)')
     p.add_argument('--no-animation', action='store_true', help='skip the overlay GIF/MP4')
     p.add_argument('--no-preview', action='store_true', help='skip preview.png')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    overrides, devices = inference_flags(args)
     jobs, failed = cohort_jobs(args.input, args.root, args.series, args.patient, args.limit)
-    overrides = dict(threshold=args.threshold, tta=args.tta, min_volume_mm3=args.min_volume_mm3, batch_size=args.batch_size, second_stage=args.second_stage)
     cohort = not (len(jobs) == 1 and not jobs[0].key)
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
     if cohort: rank_zero_only(print)(f"{args.input}: {len(jobs)} series to segment" + (f", {len(failed)} not found" if failed else ''))
-    rows, _, rank0 = predict_jobs(args.checkpoint, jobs, args.out, overrides, args.accelerator, devices, args.num_nodes, args.strategy, args.precision,
+    rows, _, rank0 = predict_jobs(args.checkpoint, jobs, args.out, overrides, **devices,
                                   redo=args.redo, progress=cohort and not args.no_progress, failed=failed, seg=args.seg, prob=args.prob, sr=args.sr, rtstruct=args.rtstruct,
                                   animation=not args.no_animation, preview=not args.no_preview)
     if not rank0: return 0

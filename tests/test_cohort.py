@@ -100,3 +100,35 @@ def test_manifest_rows_and_a_missing_series(cohort, tmp_path):
     table = pd.read_csv(tmp_path/'out'/'cohort.csv', dtype=str)
     assert list(table.status) == ['failed', 'done', 'done'] and '1.2.3.4.5.404' in table.error[0]
     assert 'series failed' in res.stderr and '1.2.3.4.5.404 not found' in res.stderr and 'Traceback' not in res.stderr
+
+def test_evaluate_on_two_processes_scores_every_patient_once_as_one_process_does(tmp_path):
+    "`lungseg evaluate --devices 2` (DDP, gloo): each patient scored once, the table and the masks scored those of one process."
+    import yaml
+    from lung_tumor_seg.volumes import toy_chest, Volume
+    from lung_tumor_seg.preprocessing import PreprocessConfig, preprocess, Case
+    def case(name, seed):
+        def load():
+            hu, mask = toy_chest(n_slices=16, size=48, seed=seed)
+            return Volume(hu, (2.5, 0.8, 0.8), np.diag([-0.8, -0.8, 2.5, 1.0]), name), mask
+        return Case(name, name, load)
+    prep, run = tmp_path/'prep', tmp_path/'run'
+    names = [f'TOY-{k}' for k in range(5)]
+    assert preprocess([case(n, k) for k, n in enumerate(names)], prep, PreprocessConfig(image_size=(32, 32), slab='all')).ok
+    split = json.loads((prep/'split.json').read_text()); split['test'] = names; (prep/'split.json').write_text(json.dumps(split))
+    random_checkpoint(run/'checkpoints'/'best.ckpt', json.loads((prep/'preprocess.json').read_text()), context_slices=0)
+    (run/'config.yaml').write_text(yaml.safe_dump({'data': {'prep_dir': str(prep)}}))
+    results = {}
+    for devices in (1, 2):
+        res = run_lungseg('evaluate', '--run', run, '--split', 'test', '--accelerator', 'cpu', '--devices', devices)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out = (run/'eval').rename(tmp_path/f'eval{devices}')
+        metrics = json.loads((out/'metrics.json').read_text())
+        masks = {p.stem: np.load(p)['mask'] for p in sorted((out/'masks').glob('*.npz'))}
+        results[devices] = metrics, pd.read_csv(out/'patients.csv'), masks
+    (m1, t1, k1), (m2, t2, k2) = results[1], results[2]
+    assert (m1['devices'], m2['devices']) == (1, 2)
+    assert list(t2.patient) == names and t2.patient.is_unique                  # every patient once, in the split's order
+    pd.testing.assert_frame_equal(t1, t2)
+    assert sorted(k1) == sorted(k2) == names and all(np.array_equal(k1[n], k2[n]) for n in names)
+    assert any(k.any() for k in k1.values())                                   # masks with structure, not trivially equal
+    assert m1['mean_patient_dice'] == m2['mean_patient_dice']
