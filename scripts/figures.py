@@ -51,7 +51,7 @@ def check_outputs(nb, env:dict) -> tuple[list[str], list[int]]:
             if o.get('output_type') == 'error': problems.append(f"cell {i}: error output {o.get('ename')}: {o.get('evalue')}")
             for t in texts:
                 for pat, what in pats:
-                    if m := re.search(pat, t): problems.append(f"cell {i}: {what}: ...{t[max(m.start() - 60, 0):m.end() + 60]!r}")
+                    if m := re.search(pat, t): problems.append(f"cell {i}: {what}: ...{t[max(m.start() - 60, 0):m.end() + 200]!r}")
             if png := o.get('data', {}).get('image/png'):
                 n = len(base64.b64decode(''.join(png)))
                 pngs.append(n)
