@@ -245,9 +245,13 @@ def check_report(sr_path, seg, series, findings):
     sr = hd.sr.srread(sr_path)
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(findings)
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
-    assert set(series.sop_uids) | {seg.SOPInstanceUID} <= evidence
+    # every CT slice and the SEG are evidence: highdicom >= 0.27 lists all of this study as current requested procedure evidence,
+    # earlier versions list there what the content references and the rest as pertinent other evidence (both are DICOM's evidence)
+    evidence = {str(i.ReferencedSOPInstanceUID) for kind in ('CurrentRequestedProcedureEvidenceSequence', 'PertinentOtherEvidenceSequence')
+                for s in sr.get(kind, []) for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    referenced = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                  for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert set(series.sop_uids) | {seg.SOPInstanceUID} <= evidence and seg.SOPInstanceUID in referenced
     for g, r, segment in zip(groups, findings.itertuples(), seg.SegmentSequence):
         values = {m.name.value: (m.value, m.unit.value) for m in g.get_measurements()}
         assert values['103339001'] == (r.long_axis_mm, 'mm') and values['103340004'] == (r.short_axis_mm, 'mm')
