@@ -35,9 +35,10 @@ docs: $(STAMP)
 
 # The figures the pages show: the notebooks that draw, run top to bottom (the real LIDC-IDRI sample where it is, slow cells too),
 # their outputs checked (no machine paths, progress bars or large PNGs) and saved in place, then nbdev_clean (scripts/figures.py).
+# Some only: `make figures NOTEBOOKS="05a_preprocessing 06_dataset"`; `FIGURES_ARGS=--skip-slow` keeps the slow cells' outputs.
 .PHONY: figures
 figures: $(STAMP)
-	$(BIN)/python scripts/figures.py $(NOTEBOOKS)
+	$(BIN)/python scripts/figures.py $(FIGURES_ARGS) $(NOTEBOOKS)
 
 # The benchmark's peers (SimpleITK, ...: the `bench` extra of settings.ini) are installed first, so that every row has its peer.
 BENCH_STAMP := $(VENV)/.lungseg-bench-installed

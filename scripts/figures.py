@@ -7,7 +7,8 @@ at 72 dpi. Before a notebook is written back its outputs are checked: no path of
 folder, home), no progress bars or terminal escapes, no memory addresses, no PNG over 400 KB; a notebook that fails a cell or a
 check is left as it was. Then `nbdev_clean` tidies the metadata (settings.ini keeps outputs: `clear_all = False`).
 
-Usage: python scripts/figures.py [NOTEBOOK ...]   (names as in nbs/, e.g. 05a_preprocessing; default: all of FIGURE_NOTEBOOKS)
+Usage: python scripts/figures.py [--skip-slow] [NOTEBOOK ...]   (names as in nbs/, e.g. 05a_preprocessing; default: every notebook
+of FIGURE_NOTEBOOKS). `--skip-slow` leaves the `slow` cells and their committed outputs as they are (a quicker redraw).
 """
 from __future__ import annotations
 import argparse, base64, os, re, subprocess, sys, tempfile, time
@@ -59,7 +60,10 @@ def check_outputs(nb, env:dict) -> tuple[list[str], list[int]]:
     return problems, pngs
 
 
-def run_one(name:str) -> int:
+def _is_slow(cell) -> bool: return bool(re.search(r'^#\|\s*slow\s*$', cell.source, re.M))
+
+
+def run_one(name:str, skip_slow:bool=False) -> int:
     "Execute nbs/NAME.ipynb in this process and write it back when every cell ran and its outputs pass the checks."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
@@ -69,7 +73,7 @@ def run_one(name:str) -> int:
     shell = CaptureShell(path=NBS, mpl_format='png')
     shell.run_cell(f"import matplotlib; matplotlib.rcParams.update({{'figure.dpi': {DPI}, 'savefig.dpi': {DPI}}})")
     def skip(cell):
-        if cell.cell_type != 'code': return True
+        if cell.cell_type != 'code' or (skip_slow and _is_slow(cell)): return True
         cell.outputs, cell.execution_count = [], None
         return 'nbdev_export(' in cell.source or bool(re.search(r'^#\|\s*eval:\s*false', cell.source, re.M))
     t0 = time.time()
@@ -87,15 +91,17 @@ def run_one(name:str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog='figures.py', description=__doc__.split('\n\n')[0])
     ap.add_argument('notebooks', nargs='*', help="notebook names (default: every notebook that draws)")
+    ap.add_argument('--skip-slow', action='store_true', help="keep the `slow` cells' committed outputs instead of running them")
     ap.add_argument('--run', help=argparse.SUPPRESS)  # internal: the child process that runs one notebook
     args = ap.parse_args(argv)
-    if args.run: return run_one(args.run)
+    if args.run: return run_one(args.run, args.skip_slow)
     names = [Path(n).stem for n in args.notebooks] or list(FIGURE_NOTEBOOKS)
     if missing := [n for n in names if not (NBS/f'{n}.ipynb').exists()]: raise SystemExit(f"figures: no notebook {missing}")
     env, failed = _environment(), []
     nbdev_clean = Path(sys.executable).parent/'nbdev_clean'
     for name in names:
-        if subprocess.run([sys.executable, __file__, '--run', name], env=env, cwd=ROOT).returncode: failed.append(name); continue
+        child = [sys.executable, __file__, '--run', name] + (['--skip-slow'] if args.skip_slow else [])
+        if subprocess.run(child, env=env, cwd=ROOT).returncode: failed.append(name); continue
         subprocess.run([str(nbdev_clean), '--fname', str(NBS/f'{name}.ipynb')], cwd=ROOT, check=True)
     if failed: print(f"figures: failed: {' '.join(failed)}"); return 1
     return 0
