@@ -51,6 +51,22 @@ def _numbered_notebooks():
     return sorted(p for p in (ROOT/'nbs').glob('[0-9]*.ipynb'))
 
 
+# The pages that must show pictures: each stage's notebook keeps the outputs of its drawing cells (`make figures` redraws them).
+# FIGURE_NOTEBOOKS: at least one figure in the page's outputs; TABLE_NOTEBOOKS: at least one table output (a figure is welcome too).
+FIGURE_NOTEBOOKS = ('02_annotations.ipynb', '03_masks.ipynb', '04_phantom_chest.ipynb', '04a_phantom.ipynb', '05_volumes.ipynb',
+                    '05a_preprocessing.ipynb', '06_dataset.ipynb', '08_training.ipynb', '08a_fp_reduction.ipynb',
+                    '10_evaluation.ipynb', '11_demo.ipynb')
+TABLE_NOTEBOOKS = ('07_unet.ipynb', '10_evaluation.ipynb')
+
+
+def _page_of_source(site:Path) -> dict:
+    "Notebook name -> its page, from each page's `data-source`."
+    out = {}
+    for p in sorted(site.rglob('*.html')):
+        if m := re.search(r'data-source="([^"]*)"', p.read_text()): out[m.group(1)] = p.relative_to(site).as_posix()
+    return out
+
+
 def test_every_notebook_has_a_page_in_order(site):
     "Home from index.ipynb, then one page per numbered notebook, in the notebooks' order in the sidebar."
     pages = _pages(site)
@@ -115,6 +131,23 @@ def test_offline_static_checks(site):
             if parts.fragment and unquote(parts.fragment) not in pages[target].ids: broken.append(f"{name}: {href} (no anchor)")
     assert not remote, "pages load resources from other hosts (the site must work offline):\n" + '\n'.join(remote[:20])
     assert not broken, "broken internal links or resources:\n" + '\n'.join(broken[:40])
+
+
+def test_stage_pages_have_figures(site):
+    "Each stage's page shows the figures (or the table) its notebook draws: committed outputs, files present in the site."
+    pages, missing = _page_of_source(site), []
+    for nb in FIGURE_NOTEBOOKS + TABLE_NOTEBOOKS:
+        assert (ROOT/'nbs'/nb).exists(), f"{nb}: listed as a page with figures, but there is no such notebook"
+        if nb not in pages: missing.append(f"{nb}: no page"); continue
+        text = (site/pages[nb]).read_text()
+        figures = re.findall(r'<div class="output figure"><img src="([^"]+)"', text)
+        if nb in FIGURE_NOTEBOOKS and not figures:
+            missing.append(f"{pages[nb]} ({nb}): no figure (run `make figures NOTEBOOKS={Path(nb).stem}` and commit the notebook)")
+        for src in figures:
+            if not (site/Path(pages[nb]).parent/src).is_file(): missing.append(f"{pages[nb]}: figure {src} not in the site")
+        if nb in TABLE_NOTEBOOKS and not re.search(r'<div class="output html">(?:(?!</div>\s*</div>).){0,4000}?<table', text, re.S):
+            missing.append(f"{pages[nb]} ({nb}): no table output")
+    assert not missing, "stage pages without their pictures:\n" + '\n'.join(missing)
 
 
 def _browser_missing():
@@ -190,6 +223,30 @@ def test_pages_in_chromium(site, served, browser):
     unreachable = sorted(all_pages - seen)
     assert not unreachable, f"pages not linked from the site: {unreachable}"
     assert not problems, f"{len(problems)} problems in Chromium:\n" + '\n'.join(problems[:40])
+
+
+_FIGURES = """return Array.from(document.querySelectorAll('main .output.figure img')).map(
+    i => ({src: i.getAttribute('src'), loaded: i.complete && i.naturalWidth > 0, w: i.naturalWidth}));"""
+
+
+def test_stage_figures_in_chromium(site, served, browser):
+    "In the browser, each page listed in FIGURE_NOTEBOOKS shows at least one figure that loaded, and none of its links is broken."
+    pages, problems = _page_of_source(site), []
+    for nb in FIGURE_NOTEBOOKS:
+        page = pages.get(nb)
+        if page is None: problems.append(f"{nb}: no page"); continue
+        browser.get(served + page)
+        figures = browser.execute_script(_FIGURES)
+        if not any(f['loaded'] for f in figures): problems.append(f"{page}: no figure loaded ({len(figures)} in the page)")
+        problems += [f"{page}: figure not loaded: {f['src']}" for f in figures if not f['loaded']]
+        for url in browser.execute_script(_LINKS):
+            if not url.startswith(served): continue
+            parts = urlsplit(url)
+            target = unquote(parts.path[len(urlsplit(served).path):]) or 'index.html'
+            if not (site/target).is_file(): problems.append(f"{page}: broken link {url}"); continue
+            if parts.fragment and target.endswith('.html') and unquote(parts.fragment) not in _parse(site/target).ids:
+                problems.append(f"{page}: link to a missing anchor {target}#{parts.fragment}")
+    assert not problems, "stage pages without a working figure:\n" + '\n'.join(problems[:40])
 
 
 def test_home_screenshot(site, served, browser):
