@@ -8,6 +8,9 @@
    otherwise a small static renderer below writes one HTML page per notebook (and per Markdown page in `nbs/`), a
    sidebar in notebook order and an API index, with every asset local: no CDN, no fonts, no scripts.
 
+The site that .github/workflows/deploy.yaml publishes is the static renderer's (`--renderer static`), the one tests/test_docs.py
+builds and checks in Chromium; the Quarto rendering is for local use (nothing checks it).
+
 Usage: python scripts/build_docs.py [--renderer auto|static|quarto] [--out _docs] [--proc _proc]
 """
 from __future__ import annotations
