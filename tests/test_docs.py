@@ -51,12 +51,17 @@ def _numbered_notebooks():
     return sorted(p for p in (ROOT/'nbs').glob('[0-9]*.ipynb'))
 
 
-# The pages that must show pictures: each stage's notebook keeps the outputs of its drawing cells (`make figures` redraws them).
-# FIGURE_NOTEBOOKS: at least one figure in the page's outputs; TABLE_NOTEBOOKS: at least one table output (a figure is welcome too).
-FIGURE_NOTEBOOKS = ('02_annotations.ipynb', '03_masks.ipynb', '04_phantom_chest.ipynb', '04a_phantom.ipynb', '05_volumes.ipynb',
-                    '05a_preprocessing.ipynb', '06_dataset.ipynb', '08_training.ipynb', '08a_fp_reduction.ipynb',
-                    '10_evaluation.ipynb', '11_demo.ipynb')
-TABLE_NOTEBOOKS = ('07_unet.ipynb', '10_evaluation.ipynb')
+# The pages that must show pictures: each stage's notebook keeps the outputs of its drawing cells, `make figures` redraws them;
+# scripts/figures.py lists those notebooks. A figure (an image) on each page, a table output on the pages whose picture is a table.
+def _figures_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('lungseg_figures', ROOT/'scripts'/'figures.py')
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
+
+_drawing = _figures_script()
+FIGURE_NOTEBOOKS = tuple(f'{n}.ipynb' for n in _drawing.FIGURE_NOTEBOOKS if n not in _drawing.TABLE_ONLY)
+TABLE_NOTEBOOKS = tuple(f'{n}.ipynb' for n in _drawing.TABLE_ONLY)
 
 
 def _page_of_source(site:Path) -> dict:
