@@ -1,4 +1,4 @@
-"`lungseg bench`: row schema, timing statistics, result writers and the --quick selection (nothing here is timed)."
+"`lungseg bench`: row schema, timing statistics, result writers and the --quick selection (no speed is asserted: the benchmark measures, the tests check its rows)."
 import json
 import pytest
 from lung_tumor_seg.core import LungsegError
@@ -78,3 +78,21 @@ def test_cli_demo_rows_from_metrics(tmp_path):
     assert {'machine', 'demo_wall_s', 'demo_peak_rss_mb', 'bench_wall_s'} <= set(rows)
     assert rows['demo_wall_s']['ratio'] == pytest.approx(0.5) and rows['demo_peak_rss_mb']['ours'] == 1500.0
     assert 'demo_wall_s' in (tmp_path/'r.md').read_text() and rows['bench_wall_s']['peer'] == 600     # --quick: the 10-minute limit
+
+def test_cohort_rows_measure_one_and_two_processes():
+    "`lungseg predict` over a small root, one process and two (DDP): both rows measured, the second against the first."
+    from lung_tumor_seg.bench_sections import bench_cohort
+    rows = {r['name']: r for r in bench_cohort(n_series=2, n_slices=8, repeats=1)}
+    one, two = rows['cohort_volumes_per_hour_1proc'], rows['cohort_volumes_per_hour_2proc']
+    assert one['ours'] > 0 and two['ours'] > 0 and two['peer'] == one['ours']
+    assert two['ratio'] == pytest.approx(two['ours'] / one['ours'], rel=1e-3)
+
+def test_a_failed_section_is_listed_and_the_command_fails(tmp_path, capsys, monkeypatch):
+    "A section that raises becomes a `<section>_failed` row; the table is still written, and the exit code is 1."
+    import lung_tumor_seg.bench_sections as sections
+    def broken(*args, **kwargs): raise LungsegError('no DICOM files found')
+    monkeypatch.setattr(sections, 'bench_demo', broken)
+    assert bench_main(['--quick', '--only', 'demo', '--json', str(tmp_path/'r.json')]) == 1
+    rows = {r['name']: r for r in json.loads((tmp_path/'r.json').read_text())}
+    assert 'no DICOM files found' in rows['demo_failed']['notes']
+    assert 'section demo failed: LungsegError: no DICOM files found' in capsys.readouterr().err
