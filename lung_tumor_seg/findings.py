@@ -220,6 +220,7 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
     from pydicom.sr.codedict import codes
     where = getattr(seg_dataset, 'filename', None) or 'SEG dataset'
     if str(seg_dataset.get('SOPClassUID', '')) != SEGMENTATION_STORAGE: raise LungsegError(f"{where}: not a DICOM Segmentation")
+    if not len(findings): raise LungsegError(f"{series.folder}: no nodule to report (a TID 1500 measurement report holds at least one measurement)")
     segments = list(seg_dataset.get('SegmentSequence', []))
     if len(segments) < len(findings):
         raise LungsegError(f"{where}: {len(segments)} segment(s) for {len(findings)} nodule(s): the SR needs segment k for nodule k")
@@ -249,10 +250,10 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
             measurements=measurements))
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(), name='lung_tumor_seg', model_name='2D U-Net'))
-    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
-                                     procedure_reported=hd.sr.CodedConcept(*CT_CHEST), imaging_measurements=groups,
-                                     title=codes.DCM.ImagingMeasurementReport)
     try:
+        report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                         procedure_reported=hd.sr.CodedConcept(*CT_CHEST), imaging_measurements=groups,
+                                         title=codes.DCM.ImagingMeasurementReport)
         sr = hd.sr.Comprehensive3DSR(evidence=[_with_empty_type2(h) for h in series.headers] + [seg_dataset], content=report,
                                      series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
                                      manufacturer='lung_tumor_seg', is_complete=True, series_description='lung nodule measurements (automatic)')

@@ -495,9 +495,10 @@ def write_prediction(prediction:dict,       # an output of `Segmenter.predict_st
         if prob: files['prob'] = save_nifti(own(probability).astype(np.float32), vol.affine, staging/f'{name}_prob.nii.gz')
         if seg:
             files['seg'] = write_dicom_seg(labels, vol.series, staging/f'{name}_seg.dcm', segment_labels=findings_labels(findings))
-        if sr:
+        if sr and len(findings):
             import pydicom
             files['sr'] = write_measurement_report(findings, pydicom.dcmread(files['seg']), vol.series, staging/f'{name}_sr.dcm')
+        elif sr: notes = [*notes, 'no nodule found: no DICOM SR written (a measurement report holds at least one measurement)']
         if rtstruct: files['rtstruct'] = write_rtstruct(labels, findings, vol.series, staging/f'{name}_rtstruct.dcm')
         if preview: files['preview'] = findings_preview(hu_own, mask_own, findings, staging/f'{name}_preview.png', affine_lps=affine_lps)
         if animation:

@@ -306,6 +306,8 @@ def test_measurement_report_refuses_a_seg_that_does_not_fit(tmp_path):
     other = read_series(write_series(tmp_path/'other', hu))
     with pytest.raises(LungsegError, match='not on the CT series'):
         write_measurement_report(findings, write_seg(labels, other, tmp_path/'seg2.dcm'), series, tmp_path/'sr.dcm')
+    with pytest.raises(LungsegError, match='no nodule to report'):
+        write_measurement_report(findings.iloc[:0], seg, series, tmp_path/'sr.dcm')
     assert not (tmp_path/'sr.dcm').exists()
 
 def check_rtstruct(path, labels, findings, series):

@@ -178,3 +178,17 @@ def test_predict_on_the_real_sample(tmp_path):
     per_frame = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence}
     assert per_frame == {series.sop_uids[k] for k in np.nonzero(np.asarray(mask.dataobj).any((0, 1)))[0]}
     assert seg.PatientID == 'LIDC-IDRI-0001' and seg.StudyInstanceUID == series.study_uid
+
+def test_a_scan_without_nodules_gets_its_outputs_and_no_sr(tmp_path):
+    "Nothing found: mask, empty findings, SEG and RT Structure Set written; no SR (TID 1500 needs a measurement), said in the summary."
+    from lung_tumor_seg.phantom import cached_phantom
+    folder = next(cached_phantom(2).glob('LIDC-IDRI/PHANTOM-0001/*/*'))
+    model = threshold_model()
+    with torch.no_grad(): model.conv.bias.fill_(-1000.)   # sees nothing anywhere
+    res = predict(model, folder, tmp_path, sr=True, rtstruct=True, animation=False)
+    assert res['nodules'] == 0 and 'sr' not in res['files'] and {'mask', 'seg', 'rtstruct', 'findings_csv', 'summary'} <= set(res['files'])
+    assert any('no DICOM SR written' in w for w in json.loads(res['files']['summary'].read_text())['warnings'])
+    assert len(pd.read_csv(res['files']['findings_csv'])) == 0
+    rt = pydicom.dcmread(res['files']['rtstruct'])
+    assert rt.Modality == 'RTSTRUCT' and len(rt.get('StructureSetROISequence', [])) == 0
+    assert not (np.asarray(nib.load(res['files']['mask']).dataobj)).any()
