@@ -13,7 +13,7 @@ from scipy import ndimage
 from .core import (LungsegError, atomic_path, cli_command, sample_dir, SAMPLE_HINT, CONNECTIVITY_26,
                                  label_components, nonzero_box, remove_small_components)
 from lightning.pytorch.callbacks import BasePredictionWriter
-from .inference import Carried, SeriesInputs, SeriesJob, finish_prediction, load_predictor
+from .inference import Carried, SeriesInputs, SeriesJob, finish_prediction, load_predictor, add_inference_flags, inference_flags
 
 # %% auto #0
 __all__ = ['SIZE_BINS_MM', 'overlap_metrics', 'hausdorff95_mm', 'equivalent_diameter_mm', 'size_bin', 'match_nodules',
@@ -479,18 +479,7 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--split', default='test', choices=['train', 'val', 'test'], help='split to score (default test)')
     p.add_argument('--data', type=Path, default=None, help="preprocessed folder (default: the run's config.yaml prep_dir)")
     p.add_argument('--checkpoint', type=Path, default=None, help='checkpoint to score (default checkpoints/best.ckpt)')
-    g = p.add_argument_group("settings (default: the run's inference.yaml, as `lungseg predict` uses it; a flag given overrides it and says so)")
-    g.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help='flip test-time augmentation')
-    g.add_argument('--threshold', type=float, default=None, help='probability threshold')
-    g.add_argument('--min-volume-mm3', type=float, default=None, help='drop predicted components smaller than this volume before scoring')
-    g.add_argument('--batch-size', type=int, default=None, help='slices per forward pass')
-    g.add_argument('--second-stage', action=argparse.BooleanOptionalAction, default=None, help='the second-stage classifier beside the checkpoint (fp_reduction.pt)')
-    d = p.add_argument_group('devices (as in lungseg train)')
-    d.add_argument('--accelerator', default='auto', help='cpu, gpu, cuda, mps or auto (a GPU when there is one)')
-    d.add_argument('--devices', default='1', help='devices (or auto); several share the patients among processes')
-    d.add_argument('--num-nodes', type=int, default=1)
-    d.add_argument('--strategy', default='auto', help='auto: ddp when several devices')
-    d.add_argument('--precision', default='auto', help='auto: bf16-mixed where the device computes bf16 natively, else 32-true')
+    add_inference_flags(p, 'patients')
     p.add_argument('--grid', default='stored', choices=['stored', 'original'],
                    help="stored: the preprocessed grid (default); original: predictions restored to each scan's own grid, "
                         "scored against the original masks (Task06 labels, or --masks for DICOM)")
@@ -498,22 +487,19 @@ def evaluate_main(argv:list[str]|None=None) -> int:
     p.add_argument('--readers', type=Path, default=None,
                    help='LIDC-style DICOM root with the XML reads of the evaluated patients: adds the human reference '
                         '(each reader against the consensus of the others) beside the model')
-    p.add_argument('--no-fp-reduction', dest='second_stage', action='store_false',
-                   help="score the U-Net alone, without the second-stage classifier trained with it (same as --no-second-stage)")
     p.add_argument('--choose-threshold', type=float, nargs='+', default=None, metavar='T',
                    help="with --split val: score each threshold, write the best to the run's inference.yaml (what predict and evaluate then use)")
     args = p.parse_args(argv)
+    overrides, devices = inference_flags(args)
     if args.choose_threshold:
         best, table = choose_threshold(args.run, args.choose_threshold, args.split, prep_dir=args.data, checkpoint=args.checkpoint, grid=args.grid,
                                        masks_dir=args.masks, accelerator=args.accelerator, precision=args.precision, fp_reduction=args.second_stage)
         print(table.to_string(index=False))
         print(f"threshold {best:g} written to {Path(args.run)/'inference.yaml'}")
         return 0
-    s = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.batch_size, args.tta, args.threshold,
+    s = evaluate_run(args.run, args.split, args.data, args.checkpoint, overrides['batch_size'], overrides['tta'], overrides['threshold'],
                      progress=f'evaluate {args.split}', grid=args.grid, masks_dir=args.masks, readers_root=args.readers,
-                     min_volume_mm3=args.min_volume_mm3, fp_reduction=args.second_stage, accelerator=args.accelerator,
-                     devices=int(args.devices) if str(args.devices).isdigit() else args.devices, num_nodes=args.num_nodes,
-                     strategy=args.strategy, precision=args.precision)
+                     min_volume_mm3=overrides['min_volume_mm3'], fp_reduction=overrides['second_stage'], **devices)
     if not s: return 0   # a process other than rank 0: rank 0 reports
     f = lambda v: 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}'
     shown = ', '.join(s['patients'][:10]) + (f", ... ({len(s['patients'])} in all)" if len(s['patients']) > 10 else '')
