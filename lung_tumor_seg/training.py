@@ -24,10 +24,11 @@ __all__ = ['FP_DEFAULTS', 'PROJECT_DEFAULTS', 'DEFAULT_CONFIG', 'LOSSES', 'INFER
            'InferenceSettings', 'SecondStageSettings', 'config_parser', 'config_path', 'read_config_file',
            'load_config', 'CropDiceLoss', 'make_loss', 'warmup_cosine', 'patient_dice', 'crop_batch', 'SegModule',
            'read_preprocess_settings', 'checkpoint_settings', 'panel_figure', 'ValidationPanel', 'cpu_bf16_supported',
-           'resolve_precision', 'make_trainer', 'volume_probabilities', 'SlicePredictor', 'first_item', 'volume_loader',
-           'quiet_lightning', 'predict_trainer', 'run_predict', 'predict_probabilities', 'inference_file',
-           'write_inference_settings', 'update_inference_settings', 'read_inference_file', 'inference_settings',
-           'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main', 'epoch_minutes']
+           'resolve_precision', 'compile_training', 'make_trainer', 'volume_probabilities', 'SlicePredictor',
+           'first_item', 'volume_loader', 'quiet_lightning', 'predict_trainer', 'run_predict', 'predict_probabilities',
+           'inference_file', 'write_inference_settings', 'update_inference_settings', 'read_inference_file',
+           'inference_settings', 'path_safe_globals', 'make_datamodule', 'train', 'load_checkpoint', 'train_main',
+           'epoch_minutes']
 
 # %% ../nbs/08_training.ipynb #d7b5723c
 @dataclass
@@ -43,6 +44,7 @@ class TrainSettings:
     "How training batches are used."
     crop_size: int|None = None    # train on random crop_size x crop_size crops (near tumour when present); None: whole slices
     ema_decay: float|None = None  # validate and checkpoint an exponential moving average of the weights (e.g. 0.99); None: the weights
+    compile: bool|str = False     # torch.compile the U-Net's training passes: True, False, or 'auto' (where training runs in fp32 on a CPU)
 
 @dataclass
 class ValSettings:
@@ -286,9 +288,14 @@ class SegModule(L.LightningModule):
 
     def forward(self, x:torch.Tensor) -> torch.Tensor: return self.net(x)
 
+    def on_fit_start(self):
+        "Compile the training passes where `train.compile` asks (validation and prediction stay eager, with BatchNorm folded)."
+        wanted = compile_training(self.train_cfg.get('compile', False), str(self.trainer.precision), self.device.type)
+        self._compiled = [torch.compile(self.net)] if wanted else []   # a list: not a submodule, so the checkpoint keeps one copy of the weights
+
     def training_step(self, batch, batch_idx):
         image, mask = crop_batch(batch['image'], batch['mask'], self.train_cfg['crop_size'])
-        logits = self(image)
+        logits = (getattr(self, '_compiled', None) or [self.net])[0](image)
         loss = self.loss_fn(logits.float(), mask.float())
         self.log('train/loss', loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
         return loss
@@ -405,6 +412,17 @@ def resolve_precision(precision:str='auto', accelerator:str='auto') -> str:
     gpu = accelerator in ('auto', 'gpu', 'cuda') and torch.cuda.is_available()
     if gpu: return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '32-true'
     return 'bf16-mixed' if accelerator in ('auto', 'cpu') and cpu_bf16_supported() else '32-true'
+
+def compile_training(setting:bool|str, # `train.compile`: True, False or 'auto'
+                     precision:str,      # the Trainer's precision ('32-true', 'bf16-mixed', ...)
+                     device_type:str     # 'cpu', 'cuda', ...
+                    ) -> bool:
+    "Whether to `torch.compile` the training passes: 'auto' where training runs in fp32 on a CPU that has a C compiler (Inductor needs one)."
+    if setting == 'auto':
+        import shutil
+        return precision in ('32-true', '32') and device_type == 'cpu' and any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
+    if isinstance(setting, str): raise LungsegError(f"train.compile: {setting!r} is not true, false or auto")
+    return bool(setting)
 
 # %% ../nbs/08_training.ipynb #c2731503
 def make_trainer(config:dict, run_dir:str|Path) -> L.Trainer:

@@ -221,3 +221,21 @@ def test_typed_configuration_on_the_command_line(prep, tmp_path, capfd):
     (tmp_path/'typo.yaml').write_text('optim:\n  lr: fast\n')
     r = subprocess.run([str(LUNGSEG), 'train', '--data', str(prep), '--out', str(tmp_path/'x'), '--config', str(tmp_path/'typo.yaml')], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'typo.yaml' in r.stderr and "optim.lr" in r.stderr and 'float' in r.stderr, r.stderr
+
+def test_compiled_training_keeps_one_copy_of_the_weights_and_computes_as_eager(prep, tmp_path, monkeypatch):
+    "train.compile=true: the U-Net's training passes are compiled, the checkpoint holds the keys of an eager run, and the first loss is the eager one."
+    pytest.importorskip('torch._inductor')
+    from lung_tumor_seg.training import compile_training
+    if not compile_training('auto', '32-true', 'cpu'): pytest.skip('no C compiler for torch.compile here')
+    compiled_nets, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda net, **kw: compiled_nets.append(type(net).__name__) or real_compile(net, **kw))
+    for name, flag in (('eager', 'false'), ('compiled', 'true')):
+        assert train_main(['--data', str(prep), '--out', str(tmp_path/name), '--max-epochs', '2', '--set', 'data.context_slices=1',
+                           '--set', 'train.crop_size=48', '--set', f'train.compile={flag}', '--set', 'trainer.precision=32-true', *TINY,
+                           '--set', 'model.dropout=0.0']) == 0   # dropout draws its masks differently when compiled
+    assert compiled_nets == ['UNet']                                             # the compiled run only, and the U-Net only
+    eager, compiled = (torch.load(tmp_path/r/'checkpoints'/'last.ckpt', weights_only=False) for r in ('eager', 'compiled'))
+    assert compiled['hyper_parameters']['train']['compile'] is True
+    assert eager['state_dict'].keys() == compiled['state_dict'].keys()          # no second copy under the compiled wrapper
+    first_loss = [pd.read_csv(tmp_path/r/'logs'/'csv'/'metrics.csv')['train/loss_step'].dropna().iloc[0] for r in ('eager', 'compiled')]
+    assert first_loss[0] == pytest.approx(first_loss[1], rel=1e-4)              # same batch, same weights: the same forward pass
