@@ -10,7 +10,8 @@ import numpy as np, pandas as pd
 from .core import LungsegError, cli_command, atomic_path, data_dir, project_root
 
 # %% auto #0
-__all__ = ['DEMO_PATIENTS', 'DEMO_PREPROCESS', 'Stopwatch', 'run_command', 'write_report', 'run_demo', 'demo_main']
+__all__ = ['DEMO_BUDGET_S', 'DEMO_QUICK', 'DEMO_REFERENCE', 'DEMO_PATIENTS', 'DEMO_PREPROCESS', 'Stopwatch', 'run_command',
+           'write_report', 'warmup_step_s', 'demo_fraction', 'estimate_demo_s', 'run_demo', 'demo_main']
 
 # %% ../nbs/11_demo.ipynb #acc23aa5
 class Stopwatch:
@@ -71,6 +72,49 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
     with atomic_path(out/'report.md', '.md') as tmp: tmp.write_text('\n'.join(lines) + '\n')
     return out/'report.md'
 
+# %% ../nbs/11_demo.ipynb #b7d2e4f1
+DEMO_BUDGET_S = 15*60                                        # the demo's budget on 2 CPU cores
+DEMO_QUICK = dict(n_patients=40, max_epochs=6)              # `lungseg demo --quick`: a quarter of the patients and of the training steps
+# A recorded fresh-clone `make demo`: its warm-up step and its wall time; an estimate scales the wall time by the step measured here.
+DEMO_REFERENCE = dict(step_s=0.19, wall_s=780.0, run='fresh-clone make demo on 2 cores with AVX512-BF16 (AMD EPYC), bf16, 13.0 min')
+
+def warmup_step_s(config:dict,    # the demo's training configuration (`training.load_config`)
+                  steps:int=4,    # timed training steps
+                  warmup:int=2    # untimed steps first (compilation happens there)
+                 ) -> dict:
+    "Seconds a training step of the demo's U-Net takes on this CPU, on random crops, with the precision and compilation training will use."
+    import torch
+    from lung_tumor_seg.training import SegModule, resolve_precision, compile_training
+    precision = resolve_precision(config['trainer']['precision'], 'cpu')
+    module = SegModule(context_slices=config['data']['context_slices'], model=config['model'], loss=config['loss'], train=config['train'])
+    compiled = compile_training(config['train'].get('compile', False), precision, 'cpu')
+    net, size, n = module.net.train(), config['train']['crop_size'] or 96, config['data']['batch_size']
+    forward = torch.compile(net) if compiled else net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(n, net.in_channels, size, size, generator=generator)
+    y = (torch.rand(n, 1, size, size, generator=generator) > 0.98).float()
+    def step():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision.startswith('bf16')):
+            loss = module.loss_fn(forward(x).float(), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+    for _ in range(warmup): step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+    return dict(step_s=round(float(np.median(times)), 4), precision=precision, compiled=compiled, threads=torch.get_num_threads())
+
+def demo_fraction(n_patients:int, max_epochs:int|None, config_epochs:int) -> float:
+    "The share of the full demo's work a run does: training (6/10 of the recorded time) follows the epochs, the other stages the patients."
+    return 0.6*min((max_epochs or config_epochs)/config_epochs, 1.0) + 0.4*min(n_patients/DEMO_PATIENTS, 1.0)
+
+def estimate_demo_s(step_s:float,             # a warm-up step measured here (`warmup_step_s`)
+                    fraction:float=1.0,        # the share of the full demo's work run (a quick run: about 0.25)
+                    reference:dict=DEMO_REFERENCE
+                   ) -> float:
+    "Wall time the demo should take here: the recorded run's, scaled by this machine's training step against its step."
+    return reference['wall_s'] * fraction * step_s / reference['step_s']
+
 # %% ../nbs/11_demo.ipynb #635e8f32
 DEMO_PATIENTS = 160                                          # synthetic phantom patients of `make demo`
 DEMO_PREPROCESS = ['--size', 272, 416, '--pixel-mm', 0.8,   # `lungseg preprocess` options of the demo
@@ -92,12 +136,28 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
     out, sw = Path(out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     raw, ann, masks, prep, run = (out/p for p in ('raw', 'annotations', 'masks', 'prep', 'run'))
+    from lung_tumor_seg.training import load_config
+    config_file = config or config_path('demo')
+    config_epochs = load_config(config_file)['trainer']['max_epochs']
+    fraction = demo_fraction(n_patients, max_epochs, config_epochs)
+    import torch
+    warmup = None if torch.cuda.is_available() else warmup_step_s(load_config(config_file))   # on a GPU the budget is not the question
+    if warmup is not None:   # said before any stage runs, so that a slow machine is known at once
+        estimate = estimate_demo_s(warmup['step_s'], fraction)
+        print(f"[demo] warm-up: {warmup['step_s']:.2f} s a training step ({warmup['precision']}{', compiled' if warmup['compiled'] else ''}, "
+              f"{warmup['threads']} threads; the recorded run: {DEMO_REFERENCE['step_s']:.2f} s); estimate about {estimate/60:.0f} min", flush=True)
+        if estimate > DEMO_BUDGET_S:
+            quick = estimate_demo_s(warmup['step_s'], demo_fraction(DEMO_QUICK['n_patients'], DEMO_QUICK['max_epochs'], config_epochs))
+            print(f"[demo] note: on this machine the demo needs about {estimate/60:.0f} min, over its {DEMO_BUDGET_S//60}-minute budget"
+                  f"{' (no native bf16: training runs in fp32)' if not warmup['precision'].startswith('bf16') else ''}; "
+                  f"`lungseg demo --quick` runs a reduced demo ({DEMO_QUICK['n_patients']} patients, {DEMO_QUICK['max_epochs']} epochs) "
+                  f"in about {quick/60:.0f} min, below the demo's quality target", flush=True)
     phantom = sw.run('phantom', cached_phantom, n_patients, seed, max_slices, task06=False)   # the chain reads the LIDC DICOM
     sw.run('download', run_command, 'download', ['--mirror', phantom/'LIDC-IDRI', '--out', raw, '--quiet'])
     sw.run('annotations', run_command, 'annotations', [raw, '--out', ann, '--dicom', raw])
     sw.run('masks', run_command, 'masks', [ann, '--dicom', raw, '--out', masks])
     sw.run('preprocess', run_command, 'preprocess', ['--dicom', raw, '--masks', masks, '--out', prep, '--seed', seed, *DEMO_PREPROCESS])
-    train_args = ['--data', prep, '--out', run, '--config', config or config_path('demo')]
+    train_args = ['--data', prep, '--out', run, '--config', config_file]
     if max_epochs: train_args += ['--max-epochs', max_epochs]
     if run.exists(): shutil.rmtree(run)
     sw.run('train', run_command, 'train', train_args)
@@ -117,7 +177,8 @@ def run_demo(out:str|Path,          # folder for every stage's output and the re
         figures += sorted((out/'prediction').glob('*.gif'))
     metrics = dict(metrics, data='synthetic LIDC-geometry phantom', phantom_patients=n_patients, seed=seed,
                    stage_seconds=sw.times, demo_wall_s=sw.total, machine=machine_description(),
-                   native_bf16=resolve_precision('auto') == 'bf16-mixed',
+                   native_bf16=resolve_precision('auto') == 'bf16-mixed', warmup=warmup,
+                   estimate_s=round(estimate_demo_s(warmup['step_s'], fraction), 1) if warmup else None,
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, 1))
     write_report(out, metrics, patients, human, sw.times, figures)
     with atomic_path(out/'metrics.json', '.json') as tmp: tmp.write_text(json.dumps(metrics, indent=1, default=str))
@@ -138,7 +199,10 @@ def demo_main(argv:list[str]|None=None) -> int:
     p.add_argument('--config', type=Path, default=None, help='training YAML (default: the packaged demo.yaml)')
     p.add_argument('--max-epochs', type=int, default=None, help="override the configuration's epochs")
     p.add_argument('--no-predict', action='store_true', help='skip the prediction on a held-out patient')
+    p.add_argument('--quick', action='store_true', help=f"a reduced demo: {DEMO_QUICK['n_patients']} patients, {DEMO_QUICK['max_epochs']} epochs "
+                   "(about a quarter of the time; below the demo's quality target)")
     a = p.parse_args(argv)
+    if a.quick: a.patients, a.max_epochs = min(a.patients, DEMO_QUICK['n_patients']), a.max_epochs or DEMO_QUICK['max_epochs']
     if a.patients < 3: p.error('--patients must be at least 3 (train, validation and test patients)')
     run_demo(a.out, a.patients, a.seed, a.max_slices, a.config, a.max_epochs, predict=not a.no_predict)
     return 0

@@ -1,0 +1,36 @@
+"`lungseg demo` before it starts: a warm-up measures this machine, a slow one is told the estimate and `--quick` at once."
+import pytest
+import lung_tumor_seg.demo as demo
+import lung_tumor_seg.phantom as phantom
+from lung_tumor_seg.core import LungsegError
+
+def _started(monkeypatch, capsys, tmp_path, step_s, precision='bf16-mixed'):
+    "The lines the demo prints before its first stage, with the warm-up measuring `step_s`; the first stage is stopped."
+    monkeypatch.setattr(demo, 'warmup_step_s', lambda config: dict(step_s=step_s, precision=precision, compiled=False, threads=2))
+    def stop(*args, **kwargs): raise LungsegError('stopped after the warm-up')
+    monkeypatch.setattr(phantom, 'cached_phantom', stop)
+    with pytest.raises(LungsegError, match='stopped after the warm-up'): demo.run_demo(tmp_path)
+    return capsys.readouterr().out.splitlines()
+
+def test_a_slow_machine_hears_the_estimate_and_the_quick_run_before_any_stage(monkeypatch, capsys, tmp_path):
+    lines = _started(monkeypatch, capsys, tmp_path, 3*demo.DEMO_REFERENCE['step_s'], '32-true')
+    note = next(i for i, l in enumerate(lines) if l.startswith('[demo] note:'))
+    assert note < next(i for i, l in enumerate(lines) if l.startswith('[demo] phantom'))   # said before the first stage
+    minutes = round(3*demo.DEMO_REFERENCE['wall_s']/60)
+    assert f'about {minutes} min, over its 15-minute budget' in lines[note] and 'lungseg demo --quick' in lines[note]
+    assert 'no native bf16' in lines[note]
+
+def test_a_machine_within_the_budget_gets_the_estimate_only(monkeypatch, capsys, tmp_path):
+    lines = _started(monkeypatch, capsys, tmp_path, demo.DEMO_REFERENCE['step_s']/2)
+    assert any(l.startswith('[demo] warm-up:') and f"about {round(demo.DEMO_REFERENCE['wall_s']/120)} min" in l for l in lines)
+    assert not any(l.startswith('[demo] note:') for l in lines)
+
+def test_quick_is_a_quarter_of_the_demo(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(demo, 'run_demo', lambda out, n_patients, seed, max_slices, config, max_epochs, predict: seen.update(n=n_patients, epochs=max_epochs))
+    assert demo.demo_main(['--quick', '--out', str(tmp_path)]) == 0
+    assert seen == dict(n=demo.DEMO_QUICK['n_patients'], epochs=demo.DEMO_QUICK['max_epochs'])
+    from lung_tumor_seg.training import config_path, load_config
+    share = demo.demo_fraction(seen['n'], seen['epochs'], load_config(config_path('demo'))['trainer']['max_epochs'])
+    assert share == pytest.approx(0.25)     # 40 of 160 patients, 6 of 24 epochs
+    assert demo.demo_fraction(demo.DEMO_PATIENTS, None, 24) == 1.0 and demo.demo_fraction(4, 1, 24) == pytest.approx(0.6/24 + 0.4*4/160)
