@@ -76,7 +76,7 @@ def write_report(out:Path, metrics:dict, patients:pd.DataFrame, human:pd.DataFra
 DEMO_BUDGET_S = 15*60                                        # the demo's budget on 2 CPU cores
 DEMO_QUICK = dict(n_patients=40, max_epochs=6)              # `lungseg demo --quick`: a quarter of the patients and of the training steps
 # A recorded fresh-clone `make demo`: its warm-up step and its wall time; an estimate scales the wall time by the step measured here.
-DEMO_REFERENCE = dict(step_s=0.19, wall_s=780.0, run='fresh-clone make demo on 2 cores with AVX512-BF16 (AMD EPYC), bf16, 13.0 min')
+DEMO_REFERENCE = dict(step_s=0.116, wall_s=791.0, run='fresh-clone make demo on 2 cores of an Intel Xeon with AVX512-BF16, bf16: 13.2 min')
 
 def warmup_step_s(config:dict,    # the demo's training configuration (`training.load_config`)
                   steps:int=4,    # timed training steps
