@@ -4,24 +4,26 @@ import lung_tumor_seg.demo as demo
 import lung_tumor_seg.phantom as phantom
 from lung_tumor_seg.core import LungsegError
 
-def _started(monkeypatch, capsys, tmp_path, step_s, precision='bf16-mixed'):
-    "The lines the demo prints before its first stage, with the warm-up measuring `step_s`; the first stage is stopped."
-    monkeypatch.setattr(demo, 'warmup_step_s', lambda config: dict(step_s=step_s, precision=precision, compiled=False, threads=2))
+def _started(monkeypatch, capsys, tmp_path, slower, precision='bf16-mixed'):
+    "The lines the demo prints before its first stage, on a machine `slower` times the recorded one; the first stage is stopped."
+    ref = demo.DEMO_REFERENCE
+    monkeypatch.setattr(demo, 'warmup_step_s', lambda config: dict(step_s=slower*ref['step_s'], cpu_step_s=slower*ref['cpu_step_s'],
+                                                                   precision=precision, compiled=False, threads=2))
     def stop(*args, **kwargs): raise LungsegError('stopped after the warm-up')
     monkeypatch.setattr(phantom, 'cached_phantom', stop)
     with pytest.raises(LungsegError, match='stopped after the warm-up'): demo.run_demo(tmp_path)
     return capsys.readouterr().out.splitlines()
 
 def test_a_slow_machine_hears_the_estimate_and_the_quick_run_before_any_stage(monkeypatch, capsys, tmp_path):
-    lines = _started(monkeypatch, capsys, tmp_path, 3*demo.DEMO_REFERENCE['step_s'], '32-true')
+    lines = _started(monkeypatch, capsys, tmp_path, 3, '32-true')
     note = next(i for i, l in enumerate(lines) if l.startswith('[demo] note:'))
     assert note < next(i for i, l in enumerate(lines) if l.startswith('[demo] phantom'))   # said before the first stage
     minutes = round(3*demo.DEMO_REFERENCE['wall_s']/60)
     assert f'about {minutes} min, over its 15-minute budget' in lines[note] and 'lungseg demo --quick' in lines[note]
-    assert 'no native bf16' in lines[note]
+    assert '(training in 32-true)' in lines[note]
 
 def test_a_machine_within_the_budget_gets_the_estimate_only(monkeypatch, capsys, tmp_path):
-    lines = _started(monkeypatch, capsys, tmp_path, demo.DEMO_REFERENCE['step_s']/2)
+    lines = _started(monkeypatch, capsys, tmp_path, 0.5)
     assert any(l.startswith('[demo] warm-up:') and f"about {round(demo.DEMO_REFERENCE['wall_s']/120)} min" in l for l in lines)
     assert not any(l.startswith('[demo] note:') for l in lines)
 
@@ -32,5 +34,12 @@ def test_quick_is_a_quarter_of_the_demo(monkeypatch, tmp_path):
     assert seen == dict(n=demo.DEMO_QUICK['n_patients'], epochs=demo.DEMO_QUICK['max_epochs'])
     from lung_tumor_seg.training import config_path, load_config
     share = demo.demo_fraction(seen['n'], seen['epochs'], load_config(config_path('demo'))['trainer']['max_epochs'])
-    assert share == pytest.approx(0.25)     # 40 of 160 patients, 6 of 24 epochs
-    assert demo.demo_fraction(demo.DEMO_PATIENTS, None, 24) == 1.0 and demo.demo_fraction(4, 1, 24) == pytest.approx(0.6/24 + 0.4*4/160)
+    assert share == pytest.approx((0.25, 0.25))   # 6 of 24 epochs, 40 of 160 patients
+    assert demo.demo_fraction(demo.DEMO_PATIENTS, None, 24) == (1.0, 1.0)
+
+def test_the_estimate_scales_training_by_its_step_and_the_rest_by_the_cpu():
+    "Training follows the step of the chosen path, the other stages the plain fp32 step: a forced fp32 run on the recorded machine."
+    ref = demo.DEMO_REFERENCE
+    assert demo.estimate_demo_s(dict(step_s=ref['step_s'], cpu_step_s=ref['cpu_step_s'])) == pytest.approx(ref['wall_s'])
+    fp32 = demo.estimate_demo_s(dict(step_s=2*ref['step_s'], cpu_step_s=ref['cpu_step_s']))   # training twice as slow, the CPU the same
+    assert fp32 == pytest.approx(ref['wall_s'] + ref['train_s'])
