@@ -15,7 +15,8 @@ from .core import LungsegError, DicomSeries, atomic_path, label_components
 # %% auto #0
 __all__ = ['FINDINGS_UNITS', 'MEASUREMENT_RULES', 'AXIS_COLUMNS', 'SOURCE_TYPE2_ATTRIBUTES', 'SEGMENTATION_STORAGE', 'CT_CHEST',
            'RTSTRUCT_STORAGE', 'ROI_COLOURS', 'LUNG_WINDOW_HU', 'outline_axes', 'nodule_labels', 'nodule_findings',
-           'write_findings', 'write_measurement_report', 'slice_outlines', 'write_rtstruct', 'findings_preview']
+           'write_findings', 'with_empty_type2', 'write_measurement_report', 'slice_outlines', 'write_rtstruct',
+           'findings_preview']
 
 # %% ../nbs/08b_findings.ipynb #49b68ee5
 FINDINGS_UNITS = {'nodule': 'number', 'centre_x_mm': "mm, DICOM patient coordinates (LPS: +x to the patient's left)",
@@ -185,9 +186,11 @@ SOURCE_TYPE2_ATTRIBUTES = ('PatientName', 'PatientID', 'PatientBirthDate', 'Pati
 SEGMENTATION_STORAGE = '1.2.840.10008.5.1.4.1.1.66.4'
 CT_CHEST = ('24627-2', 'LN', 'CT Chest')   # the procedure reported (LOINC)
 
-def _with_empty_type2(header):
-    "`header` itself when it holds every attribute of `SOURCE_TYPE2_ATTRIBUTES`, else a copy with the missing ones added empty."
-    missing = [k for k in SOURCE_TYPE2_ATTRIBUTES if k not in header]
+def with_empty_type2(header,                                # a DICOM dataset (a CT slice's header)
+                     keywords:tuple=SOURCE_TYPE2_ATTRIBUTES # Type 2 attributes that must be present
+                    ):
+    "`header` itself when it holds every attribute of `keywords`, else a copy with the missing ones added empty."
+    missing = [k for k in keywords if k not in header]
     if not missing: return header
     header = copy.deepcopy(header)
     for k in missing: setattr(header, k, None)   # an empty element of the attribute's own VR
@@ -254,7 +257,7 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
         report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
                                          procedure_reported=hd.sr.CodedConcept(*CT_CHEST), imaging_measurements=groups,
                                          title=codes.DCM.ImagingMeasurementReport)
-        sr = hd.sr.Comprehensive3DSR(evidence=[_with_empty_type2(h) for h in series.headers] + [seg_dataset], content=report,
+        sr = hd.sr.Comprehensive3DSR(evidence=[with_empty_type2(h) for h in series.headers] + [seg_dataset], content=report,
                                      series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
                                      manufacturer='lung_tumor_seg', is_complete=True, series_description='lung nodule measurements (automatic)')
     except Exception as e: raise LungsegError(f"{series.folder}: DICOM SR not written ({_one_line(e)})") from None

@@ -19,15 +19,15 @@ from .training import volume_probabilities, volume_loader, predict_trainer, run_
 from .volumes import LPS_AXES, to_lps_grid, nifti_array
 from .preprocessing import preprocess_volume, restore_mask, window_hu, PreprocessConfig
 from .dataset import context_stack, context_step
+from .findings import SOURCE_TYPE2_ATTRIBUTES, with_empty_type2
 
 # %% auto #0
-__all__ = ['CHEST_CT_SPACING_MM', 'SOURCE_TYPE2_ATTRIBUTES', 'COHORT_COLUMNS', 'safe_file_name', 'InputVolume', 'read_volume',
-           'check_spacing', 'with_empty_type2', 'write_dicom_seg', 'overlay_frames', 'save_animation', 'model_settings',
-           'Carried', 'Segmenter', 'stored_probabilities', 'predict_volume', 'load_model', 'Predictor',
-           'load_predictor', 'SeriesJob', 'SeriesClaims', 'SeriesInputs', 'finish_prediction', 'input_lps_affine',
-           'write_prediction', 'findings_labels', 'PredictionWriter', 'write_cohort_table', 'predict_jobs', 'predict',
-           'input_series', 'dicom_jobs', 'manifest_jobs', 'cohort_jobs', 'add_inference_flags', 'inference_flags',
-           'predict_main']
+__all__ = ['CHEST_CT_SPACING_MM', 'COHORT_COLUMNS', 'safe_file_name', 'InputVolume', 'read_volume', 'check_spacing',
+           'write_dicom_seg', 'overlay_frames', 'save_animation', 'model_settings', 'Carried', 'Segmenter',
+           'stored_probabilities', 'predict_volume', 'load_model', 'Predictor', 'load_predictor', 'SeriesJob',
+           'SeriesClaims', 'SeriesInputs', 'finish_prediction', 'input_lps_affine', 'write_prediction',
+           'findings_labels', 'PredictionWriter', 'write_cohort_table', 'predict_jobs', 'predict', 'input_series',
+           'dicom_jobs', 'manifest_jobs', 'cohort_jobs', 'add_inference_flags', 'inference_flags', 'predict_main']
 
 # %% ../nbs/09_inference.ipynb #2fb967c9
 def safe_file_name(text:str,           # a patient ID, folder or file name, UID
@@ -116,21 +116,6 @@ def check_spacing(spacing_mm:tuple,  # (dz, dy, dx) in mm
         if not lo <= value <= hi: notes.append(f"{source}: {name} spacing {value:g} mm is outside the usual {lo}-{hi} mm; the prediction may be poor")
     for note in dict.fromkeys(notes): warnings.warn(note)
     return list(dict.fromkeys(notes))
-
-# %% ../nbs/09_inference.ipynb #731c8715
-SOURCE_TYPE2_ATTRIBUTES = ('PatientName', 'PatientID', 'PatientBirthDate', 'PatientSex',               # Patient module
-                           'StudyDate', 'StudyTime', 'ReferringPhysicianName', 'StudyID', 'AccessionNumber')  # General Study module
-
-# %% ../nbs/09_inference.ipynb #8737a004
-def with_empty_type2(header,                                # a DICOM dataset (a CT slice's header)
-                     keywords:tuple=SOURCE_TYPE2_ATTRIBUTES # Type 2 attributes that must be present
-                    ):
-    "`header` itself when it holds every attribute of `keywords`, else a copy with the missing ones added empty."
-    missing = [k for k in keywords if k not in header]
-    if not missing: return header
-    header = copy.deepcopy(header)
-    for k in missing: setattr(header, k, None)   # an empty element of the attribute's own VR
-    return header
 
 # %% ../nbs/09_inference.ipynb #6242a54a
 _SEG_TYPE1 = ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'SOPClassUID', 'FrameOfReferenceUID', 'Modality')  # what a SEG references
