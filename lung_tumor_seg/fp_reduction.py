@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_fp_reduction.ipynb #8eea3cfd
 from __future__ import annotations
-import json, time, warnings, logging, contextlib
+import json, time
 from pathlib import Path
 import numpy as np, torch, cv2
 import lightning as L
@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from .core import LungsegError, atomic_path, cli_command
-from .training import FP_DEFAULTS
+from .training import FP_DEFAULTS, quiet_lightning
 
 # %% auto #0
 __all__ = ['FP_FILE', 'candidate_patch', 'CandidateNet', 'component_centres', 'mine_false_positives', 'dense_lung_points',
@@ -276,21 +276,6 @@ class CandidateModule(L.LightningModule):
 # %% ../nbs/08a_fp_reduction.ipynb #b18b5165
 _TRAINER_DEFAULTS = dict(accelerator='auto', devices=1, num_nodes=1, strategy='auto', precision='auto')
 
-@contextlib.contextmanager
-def _quiet(quiet:bool=True):
-    "Lightning's start-up lines (when `quiet`) and its warnings about a loader without workers (the patches are in memory) silenced."
-    loggers = [logging.getLogger(n) for n in ('lightning.pytorch', 'lightning.fabric')]
-    levels = [l.level for l in loggers]
-    if quiet:
-        for l in loggers: l.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*does not have many workers.*')
-            warnings.filterwarnings('ignore', message='.*LeafSpec.*')   # said by Lightning itself under newer torch
-            yield
-    finally:
-        for l, level in zip(loggers, levels): l.setLevel(level)
-
 def candidate_trainer(steps:int,                  # optimizer steps (`max_steps`)
                       run_dir:str|Path|None=None, # run folder: checkpoint in second_stage/, logs in logs/second_stage/ (None: nothing written)
                       trainer:dict|None=None,     # Trainer options: accelerator, devices, num_nodes, strategy, precision ('auto' as in `lungseg train`)
@@ -310,7 +295,7 @@ def candidate_trainer(steps:int,                  # optimizer steps (`max_steps`
                      LearningRateMonitor(logging_interval='step')]
         loggers = [TensorBoardLogger(run_dir/'logs', name='second_stage', version='tensorboard'),
                    CSVLogger(run_dir/'logs', name='second_stage', version='csv')]
-    with _quiet(not verbose):
+    with quiet_lightning(not verbose):
         return L.Trainer(accelerator=t['accelerator'], devices=t['devices'], num_nodes=t['num_nodes'], strategy=t['strategy'],
                          precision=resolve_precision(t['precision'], t['accelerator']), max_steps=steps,
                          callbacks=callbacks, logger=loggers, enable_checkpointing=run_dir is not None, default_root_dir=run_dir,
@@ -324,7 +309,7 @@ def _fit(patches, labels, s:dict, trainer:dict|None, run_dir, verbose:bool) -> t
     module = CandidateModule(s['width'], s['lr'], s['weight_decay'], s['steps'])
     flips = torch.Generator(); flips.set_state(torch.get_rng_state())   # go on from the stream that drew the weights, as the hand-written loop did
     fit = candidate_trainer(s['steps'], run_dir, trainer, verbose)
-    with _quiet(not verbose): fit.fit(module, patch_loader(patches, labels, s['batch_size'], s['steps'], s['seed'], flips))
+    with quiet_lightning(not verbose): fit.fit(module, patch_loader(patches, labels, s['batch_size'], s['steps'], s['seed'], flips))
     return module, fit
 
 def train_candidate_net(patches:torch.Tensor, labels:torch.Tensor, settings:dict|None=None, verbose:bool=True,

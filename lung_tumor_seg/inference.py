@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
-from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command, run_each
+from .core import LungsegError, DicomSeries, read_series, load_hu, save_nifti, atomic_path, cli_command, run_each, error_line
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from .core import label_components, remove_small_components, usable_cores
@@ -65,13 +65,9 @@ class InputVolume:
         return np.ascontiguousarray(xyz.transpose(2, 1, 0))
 
 # %% ../nbs/09_inference.ipynb #aad2c9b4
-def _one_line(e:Exception, limit:int=240) -> str:
-    text = ' '.join(str(e).split())
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
 def _about(source, e:Exception) -> str:
     "One line naming `source` and the problem of `e`, `source` named once."
-    msg = str(e) if isinstance(e, LungsegError) else _one_line(e)
+    msg = str(e) if isinstance(e, LungsegError) else error_line(e)
     for prefix in dict.fromkeys((f"{source}: ", f"{Path(source)}: ")):
         if msg.startswith(prefix): msg = msg[len(prefix):]
     return f"{source}: {msg}"
@@ -158,7 +154,7 @@ def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask, or label map (nodule k
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer='lung_tumor_seg', manufacturer_model_name='2D U-Net',
             software_versions=software_version, device_serial_number='0', series_description='lung tumour segmentation (automatic)',
             omit_empty_frames=True)
-    except Exception as e: raise LungsegError(f"{series.folder}: DICOM SEG not written ({_one_line(e)})") from None
+    except Exception as e: raise LungsegError(f"{series.folder}: DICOM SEG not written ({error_line(e)})") from None
     path = Path(path)
     with atomic_path(path, suffix='.dcm') as tmp: seg.save_as(tmp)
     return path
@@ -310,7 +306,7 @@ def load_model(checkpoint:str|Path) -> torch.nn.Module:
     if not path.is_file(): raise LungsegError(f"{path}: checkpoint not found")
     try: model = load_checkpoint(path)
     except LungsegError: raise
-    except Exception as e: raise LungsegError(f"{path}: not a usable lung_tumor_seg checkpoint ({_one_line(e)})") from None
+    except Exception as e: raise LungsegError(f"{path}: not a usable lung_tumor_seg checkpoint ({error_line(e)})") from None
     try: model_settings(model)
     except LungsegError as e: raise LungsegError(f"{path}: {e}") from None
     return model.eval()
@@ -587,7 +583,7 @@ def predict_jobs(checkpoint:str|Path|torch.nn.Module, # checkpoint file, or an a
     dataset = SeriesInputs(jobs, predictor.model, out_dir if cohort else None, need_series, redo)
     writer = PredictionWriter(dataset, out_dir, predictor, verbose, **outputs)
     try: trainer = predict_trainer(accelerator, devices, num_nodes, strategy, precision, progress=progress, callbacks=[writer])
-    except Exception as e: raise LungsegError(f"--accelerator {accelerator} --devices {devices}: {_one_line(e)}") from None
+    except Exception as e: raise LungsegError(f"--accelerator {accelerator} --devices {devices}: {error_line(e)}") from None
     if trainer.is_global_zero:
         for note in predictor.notes: print(f"lungseg predict: note: {note}")
     try: run_predict(trainer, predictor.segmenter(), volume_loader(dataset), return_predictions=False)
@@ -648,7 +644,7 @@ def manifest_jobs(manifest:str|Path,        # CSV with a column of paths (path, 
     manifest = Path(manifest)
     root = Path(root) if root else manifest.parent
     try: table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except Exception as e: raise LungsegError(f"{manifest}: not a readable CSV manifest ({_one_line(e)})") from None
+    except Exception as e: raise LungsegError(f"{manifest}: not a readable CSV manifest ({error_line(e)})") from None
     cols = {c: _MANIFEST_NAMES.get(re.sub(r'[\W_]+', '', c.lower())) for c in table.columns}
     table = table.rename(columns={c: n for c, n in cols.items() if n}).loc[:, lambda t: ~t.columns.duplicated()]
     if not {'path', 'series_uid'} & set(table.columns):

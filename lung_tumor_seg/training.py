@@ -483,12 +483,13 @@ def volume_loader(dataset, num_workers:int=0) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=first_item, num_workers=num_workers)
 
 @contextlib.contextmanager
-def quiet_lightning():
-    "Lightning's start-up lines (devices found, this loader has no workers) silenced: a prediction says what it does itself."
+def quiet_lightning(quiet:bool=True):
+    "Lightning's start-up lines (devices found, when `quiet`) and its notes on this project's loaders without workers silenced."
     import logging, warnings
     loggers = [logging.getLogger(n) for n in ('lightning.pytorch', 'lightning.fabric', 'lightning.pytorch.utilities.rank_zero')]
     levels = [l.level for l in loggers]
-    for l in loggers: l.setLevel(logging.WARNING)
+    if quiet:
+        for l in loggers: l.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*does not have many workers.*')
