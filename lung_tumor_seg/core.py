@@ -183,8 +183,10 @@ def dicom_files(root:str|Path # a DICOM file, or a folder searched at any depth
     root = Path(root)
     if root.is_file(): return ([root], 0) if is_dicom_file(root) else ([], 1)
     if not root.is_dir(): raise LungsegError(f"{root}: DICOM folder not found")
-    found, skipped = [], 0
-    for folder, dirs, names in os.walk(root):
+    found, skipped, seen = [], 0, set()
+    for folder, dirs, names in os.walk(root, followlinks=True):   # exports and archives often link their series folders
+        if (real := os.path.realpath(folder)) in seen: dirs[:] = []; continue   # reached again through a link: read once
+        seen.add(real)
         dirs[:] = sorted(n for n in dirs if not n.startswith('.'))
         for name in sorted(names):
             path = Path(folder)/name

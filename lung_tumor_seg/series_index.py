@@ -19,9 +19,11 @@ __all__ = ['INDEX_COLUMNS', 'LAYOUTS', 'series_folders', 'default_index_cache', 
 # %% ../nbs/01b_series_index.ipynb #9a778450
 def series_folders(root:str|Path) -> dict:
     "Folder -> (signature, names of its visible files) of every folder under `root` holding files, at any depth."
-    out, stack = {}, [Path(root)]
+    out, stack, seen = {}, [Path(root)], set()
     while stack:
         folder = stack.pop()
+        if (real := os.path.realpath(folder)) in seen: continue   # linked folders are followed, each real folder read once
+        seen.add(real)
         try: entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError: continue
         files = [e for e in entries if not e.name.startswith('.') and e.name != 'DICOMDIR' and e.is_file()]

@@ -41,6 +41,19 @@ def test_each_layout_under_the_collections_parent_gives_the_same_volume(tmp_path
     assert series.sop_uids == reference.sop_uids
     np.testing.assert_array_equal(load_hu(series), load_hu(reference))
 
+@needs_sample
+def test_a_root_of_linked_series_folders_is_read_through_its_links(tmp_path):
+    "A study folder whose series are symbolic links to the archive (as `cp -s` or a PACS mount makes it), with a link back up: index and read agree."
+    files, _ = sample_series()['LIDC-IDRI-0001']
+    root = tmp_path/'study'; root.mkdir()
+    (root/'CT_1').symlink_to(files[0].parent, target_is_directory=True)
+    (root/'CT_1_again').symlink_to(root, target_is_directory=True)   # a loop: must neither hang nor count the series twice
+    index = build_series_index(root, cache=None)
+    reference = read_series(files[0].parent)
+    assert index[['series_uid', 'slice_count']].values.tolist() == [[reference.series_uid, len(files)]]
+    series = read_series(root)
+    assert series.sop_uids == reference.sop_uids
+
 def test_a_folder_mixing_two_series_gives_both(tmp_path):
     a = write_tiny_series(tmp_path/'src', 'SYNTH-0001', n_slices=3); b = write_tiny_series(tmp_path/'src', 'SYNTH-0002', n_slices=4, seed=1)
     mixed = tmp_path/'export'; mixed.mkdir()
