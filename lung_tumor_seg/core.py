@@ -319,7 +319,9 @@ class DicomSeries:
         iop = np.asarray(h0.ImageOrientationPatient, float)
         z = np.array([slice_position(h) for h in self.headers])
         n = int(self.slice_index[-1]) + 1
-        dz = float((z[-1] - z[0])/(n - 1)) if n > 1 else float(getattr(h0, 'SliceThickness', 1.0) or 1.0)
+        regular = np.diff(self.slice_index) == 1   # neighbours on the grid, no gap between them: the median of their steps is the
+        dz = (float(np.median(np.diff(z)[regular])) if regular.any() else   # series' step (a span's average keeps positions' rounding)
+              float((z[-1] - z[0])/(n - 1)) if n > 1 else float(getattr(h0, 'SliceThickness', 1.0) or 1.0))
         dy, dx = (float(v) for v in h0.PixelSpacing)
         return SeriesGeometry((n, int(h0.Rows), int(h0.Columns)), (dz, dy, dx),
                               np.asarray(h0.ImagePositionPatient, float), iop[:3], iop[3:], z[0] + dz*np.arange(n))

@@ -54,6 +54,22 @@ def test_a_root_of_linked_series_folders_is_read_through_its_links(tmp_path):
     series = read_series(root)
     assert series.sop_uids == reference.sop_uids
 
+@needs_sample
+def test_the_slice_step_is_the_series_step_when_positions_carry_float32_rounding(tmp_path):
+    "Positions as LIDC-IDRI's own headers carry them (float32 printed to six decimals, e.g. -136.570007): the spacing is the series' step."
+    files, _ = sample_series()['LIDC-IDRI-0001']
+    step = read_series(files[0].parent).geometry.spacing_mm[0]
+    written = []
+    for f in files:   # the same series moved by 0.43 mm along z, each position rounded through float32
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, f"{np.float32(z + 0.43):.6f}"]
+        ds.save_as(tmp_path/f.name)
+        written.append(float(ds.ImagePositionPatient[2]))
+    z = np.sort(written)
+    assert abs((z[-1] - z[0])/(len(z) - 1) - step) > 1e-8   # the rounding is there: the span's average is not the step
+    assert read_series(tmp_path).geometry.spacing_mm[0] == pytest.approx(step, abs=1e-12)
+
 def test_a_folder_mixing_two_series_gives_both(tmp_path):
     a = write_tiny_series(tmp_path/'src', 'SYNTH-0001', n_slices=3); b = write_tiny_series(tmp_path/'src', 'SYNTH-0002', n_slices=4, seed=1)
     mixed = tmp_path/'export'; mixed.mkdir()
