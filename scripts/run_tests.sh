@@ -9,8 +9,12 @@ if [ -z "${LUNGSEG_SAMPLE_DIR:-}" ] && [ -d ../shared/data/lidc-sample ]; then
   export LUNGSEG_SAMPLE_DIR="$(cd ../shared/data/lidc-sample && pwd)"
 fi
 [ -n "${LUNGSEG_SAMPLE_DIR:-}" ] || echo "note: LUNGSEG_SAMPLE_DIR is not set: tests on the real LIDC-IDRI sample will be skipped (see README)"
-python -m pytest tests -p no:cacheprovider -rs "$@"
+# The tests' files (phantom cohorts, runs, predictions: GBs) go in a folder of their own, removed when pytest ends, so that a
+# second run (`make test-min`) and its environment find the disk as the first found it.
+base=$(mktemp -d "${TMPDIR:-/tmp}/lungseg-tests.XXXXXX")
+python -m pytest tests -p no:cacheprovider -rs --basetemp "$base" "$@"
 rc=$?
+rm -rf "$base"
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 [ $rc -eq 5 ] && { echo "0 passed, 1 failed"; exit 1; }
 exit $rc

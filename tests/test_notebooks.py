@@ -24,9 +24,12 @@ finally:
 """
 
 @pytest.mark.parametrize('notebook', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook(notebook):
+def test_notebook(notebook, tmp_path):
     "The notebook's cells (less those flagged `slow` or `cuda`) run without error, their assertions hold and their figures draw."
-    res = subprocess.run([sys.executable, '-c', RUNNER, str(notebook)], cwd=ROOT/'nbs', capture_output=True, text=True, timeout=1500)
+    # The notebook's temporary files go under the test's own folder, removed with the others when the run ends.
+    env = {**os.environ, 'TMPDIR': str(tmp_path)}
+    res = subprocess.run([sys.executable, '-c', RUNNER, str(notebook)], cwd=ROOT/'nbs', capture_output=True, text=True, timeout=1500,
+                         env=env)
     assert res.returncode == 0, f"{notebook.name} failed:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}"
 
 
