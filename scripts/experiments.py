@@ -20,6 +20,7 @@ NUMERIC = ['val_dice', 'val_sensitivity_6mm', 'test_dice', 'test_median_dice', '
 KINDS = {'trial': 'a change against the recipe of its time',
          'recipe': 'the recipe of its time, run as it was',
          'diagnostic': 'a measurement on a trained model, no setting chosen'}
+SEED = re.compile(r'--seed (\d+)')  # a recipe row run with another seed than the configuration's says so in its setting
 CONFIG_KEY = re.compile(r'\b((?:model|loss|optim|data|train|val|trainer|early_stopping|fp_reduction)\.\w+(?: [\w.+-]*\w)?|DEMO_\w+)\b')
 
 
@@ -69,7 +70,10 @@ def render(rows:list[dict]) -> str:
     "The Markdown of the page."
     n_trials = sum(r['kind'] == 'trial' for r in rows)
     n_kept = sum(r['kind'] == 'trial' and r['kept'] == 'yes' for r in rows)
-    latest = [r for r in rows if r['kind'] == 'recipe'][-1]
+    recipe = [r for r in rows if r['kind'] == 'recipe']
+    seed_of = lambda r: int(m.group(1)) if (m := SEED.search(r['setting'])) else 0
+    latest = [r for r in recipe if seed_of(r) == 0][-1]
+    other_seeds = [r for r in recipe[recipe.index(latest) + 1:] if seed_of(r) != 0]
     out = ['---', 'title: Experiment history',
            "description: Every trial of the demo's training recipe so far, what it changed and what it scored on the synthetic phantom.",
            '---', '',
@@ -86,11 +90,14 @@ def render(rows:list[dict]) -> str:
            '',
            f'The record holds {len(rows)} rows: {n_trials} trials ({n_kept} kept), '
            f"{sum(r['kind'] == 'recipe' for r in rows)} runs of the recipe as it was, "
-           f"{sum(r['kind'] == 'diagnostic' for r in rows)} diagnostics. The latest run of the recipe, "
+           f"{sum(r['kind'] == 'diagnostic' for r in rows)} diagnostics. The latest run of the recipe with the default seed, "
            f"[{latest['id']}](#{latest['id'].lower()}) ({latest['date']}, {latest['machine']}): test {latest['test_dice']}"
            + (f" (median {latest['test_median_dice']})" if latest['test_median_dice'] else '')
            + (f", sensitivity ≥ 6 mm {latest['sensitivity_6mm']}" if latest['sensitivity_6mm'] else '')
-           + (f", {latest['fp_per_scan']} FP/scan" if latest['fp_per_scan'] else '') + '.',
+           + (f", {latest['fp_per_scan']} FP/scan" if latest['fp_per_scan'] else '') + '.'
+           + (' The same recipe with other seeds (each draws its own split and training): '
+              + ', '.join(f"[{r['id']}](#{r['id'].lower()}) (seed {seed_of(r)}) {r['test_dice']}" for r in other_seeds) + '.'
+              if other_seeds else ''),
            '',
            'The packaged `lung_tumor_seg/configs/demo.yaml` holds the current settings, each with one comment citing the trials '
            'behind it by id. A new trial is a new row of `nbs/experiments.csv` (an empty cell: not measured), then '

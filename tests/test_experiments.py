@@ -64,6 +64,20 @@ def test_page_is_a_site_page_on_synthetic_data():
     for r in experiments.read_record(): assert f'<span id="{r["id"].lower()}">{r["id"]}</span>' in text
 
 
+def test_headline_names_the_default_seeds_run_and_the_other_seeds():
+    "The page opens on the latest recipe run of the configured seed, not on a later run with another seed, and lists those."
+    rows = experiments.read_record()
+    base = {c: '' for c in experiments.COLUMNS}
+    extra = [{**base, 'id': 'T900', 'kind': 'recipe', 'setting': 'the recipe', 'data': 'phantom 160', 'test_dice': '0.701'},
+             {**base, 'id': 'T901', 'kind': 'recipe', 'setting': 'the recipe, lungseg demo --seed 7', 'data': 'phantom 160', 'test_dice': '0.912'}]
+    page = experiments.render(rows + extra)
+    headline = next(l for l in page.splitlines() if l.startswith('The record holds'))
+    assert 'default seed, [T900](#t900)' in headline and 'test 0.701' in headline
+    assert '[T901](#t901) (seed 7) 0.912' in headline
+    page = experiments.render(rows + extra[:1])
+    assert '(seed' not in next(l for l in page.splitlines() if l.startswith('The record holds')), "no other seed run since T900"
+
+
 @pytest.mark.parametrize('name', ['demo', 'lidc_full', 'task06_full'])
 def test_config_is_settings_with_one_comment_each(name):
     "A short header, then settings; each setting (a key with a value) carries one comment; no history of trials."
