@@ -153,7 +153,7 @@ def write_dicom_seg(mask_zyx:np.ndarray,   # binary mask, or label map (nodule k
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer='lung_tumor_seg', manufacturer_model_name='2D U-Net',
             software_versions=software_version, device_serial_number='0', series_description='lung tumour segmentation (automatic)',
-            omit_empty_frames=True)
+            omit_empty_frames=bool(pixels.any()))   # an empty mask: every frame (highdicom would say it reverts to that)
     except Exception as e: raise LungsegError(f"{series.folder}: DICOM SEG not written ({error_line(e)})") from None
     path = Path(path)
     with atomic_path(path, suffix='.dcm') as tmp: seg.save_as(tmp)

@@ -19,7 +19,7 @@ NBS = ROOT/'nbs'
 # The notebooks whose pages show figures (07_unet: a table). tests/test_docs.py checks that each page shows one that loads,
 # tests/test_notebooks.py that each notebook keeps its outputs and that they pass the checks below.
 FIGURE_NOTEBOOKS = ('02_annotations', '03_masks', '04_phantom_chest', '04a_phantom', '05_volumes', '05a_preprocessing', '06_dataset',
-                    '07_unet', '08_training', '08a_fp_reduction', '10_evaluation', '11_demo')
+                    '07_unet', '08_training', '08a_fp_reduction', '09_inference', '10_evaluation', '11_demo')
 TABLE_ONLY = ('07_unet',)  # of those, the pages whose picture is a table
 MAX_PNG_BYTES = 400_000
 DPI = 72
